@@ -1,0 +1,46 @@
+"""compressax: model compression for JAX.
+
+``import compressax as cx``. Pure functions over parameter pytrees (Flax linen
+params, ``nnx.State``, plain dicts), Optax transforms for compression-aware
+training, and real compressed files.
+"""
+
+from compressax import distill
+from compressax import diffq
+from compressax import io
+from compressax import lowrank
+from compressax import optim
+from compressax import prune
+from compressax import quantize
+from compressax._node import CompressedLeaf
+from compressax._node import compressed_leaf
+from compressax._node import is_compressed
+from compressax._node import materialize
+from compressax._node import storage_bits
+from compressax._select import default_rule
+from compressax._select import map_selected
+from compressax._select import path_str
+from compressax._select import select
+from compressax._select import selected_leaves
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedLeaf",
+    "compressed_leaf",
+    "default_rule",
+    "diffq",
+    "distill",
+    "io",
+    "is_compressed",
+    "lowrank",
+    "map_selected",
+    "materialize",
+    "optim",
+    "path_str",
+    "prune",
+    "quantize",
+    "select",
+    "selected_leaves",
+    "storage_bits",
+]

@@ -1,0 +1,90 @@
+"""Input validation shared by every module.
+
+Errors name the leaf and the constraint, e.g.
+``ValueError: params['Dense_0']['kernel']: sparsity must be in [0, 1), got 1.2``.
+
+Checks on *values* (bits, sparsity, NaN/Inf) run only when the value is
+concrete. Under ``jit``/``vmap`` a traced hyperparameter cannot be inspected;
+each public function documents what it does with an out-of-range traced value
+(usually: clipped into the valid range).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True if ``x`` holds a value now (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def where_str(path) -> str:
+  """``path`` as shown in errors; strings pass through, key paths are rendered."""
+  if isinstance(path, str):
+    return path
+  from compressax._select import display_path
+  return display_path(path)
+
+
+def fail(path, message: str, exc=ValueError):
+  raise exc(f"{where_str(path)}: {message}")
+
+
+def check_floating(path, x) -> None:
+  """Compression acts on floating-point leaves; ints and bools are an error."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    fail(path, f"expected a floating-point array, got dtype {dtype}; integer "
+               "and bool leaves cannot be compressed (exclude them with `where`)",
+         TypeError)
+
+
+def check_finite(path, x) -> None:
+  """NaN/Inf weights are an error (only checked when ``x`` is concrete)."""
+  if is_concrete(x) and x.size and not bool(jnp.all(jnp.isfinite(x))):
+    n = int(jnp.sum(~jnp.isfinite(x)))
+    fail(path, f"contains {n} NaN/Inf value(s); compression needs finite weights")
+
+
+def check_range(path, name: str, value, lo, hi, *, lo_open=False, hi_open=False,
+                integer=False) -> None:
+  """Check ``lo <= value <= hi`` (open ends as asked) for concrete values."""
+  if value is None or not is_concrete(value):
+    return
+  arr = np.asarray(value)
+  if integer and not np.all(np.equal(np.mod(arr, 1), 0)):
+    fail(path, f"{name} must be an integer, got {value}")
+  bad_lo = np.any(arr <= lo) if lo_open else np.any(arr < lo)
+  bad_hi = np.any(arr >= hi) if hi_open else np.any(arr > hi)
+  if bad_lo or bad_hi or np.any(np.isnan(arr.astype(float))):
+    interval = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
+    fail(path, f"{name} must be in {interval}, got {value}")
+
+
+def check_bits(path, bits, lo: int = 1, hi: int = 16) -> None:
+  check_range(path, "bits", bits, lo, hi, integer=True)
+
+
+def check_sparsity(path, sparsity) -> None:
+  check_range(path, "sparsity", sparsity, 0.0, 1.0, hi_open=True)
+
+
+def check_axis(path, axis: int, ndim: int) -> int:
+  """Normalise ``axis`` for an ``ndim``-array, or fail naming the leaf."""
+  if not -ndim <= axis < ndim:
+    fail(path, f"axis {axis} is out of range for an array of rank {ndim}")
+  return axis % ndim
+
+
+def check_same_structure(path, a: Any, b: Any, what: str = "mask") -> None:
+  from compressax._select import is_leaf
+  ta = jax.tree_util.tree_structure(a, is_leaf=is_leaf)
+  tb = jax.tree_util.tree_structure(b, is_leaf=is_leaf)
+  if ta != tb:
+    fail(path, f"the {what} tree does not match the params tree:\n"
+               f"  params: {ta}\n  {what}: {tb}")

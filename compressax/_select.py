@@ -1,0 +1,156 @@
+"""Which leaves of a parameter pytree a compression transform touches.
+
+Every transform in compressax takes a ``where`` argument and resolves it here, so
+that Flax linen ``{'params': ...}`` dicts, ``flax.nnx.State`` from ``nnx.split``
+and plain nested dicts/lists/tuples are all treated the same way.
+
+``where`` may be:
+
+* ``None``: the default rule, :func:`default_rule`: floating-point leaves with
+  ``ndim >= 2`` (Dense kernels, conv kernels) whose path does not name an
+  embedding. Biases, norm scales and embeddings are skipped.
+* a ``str``: a regular expression searched (``re.search``) in the leaf's
+  ``/``-joined path, e.g. ``"Dense_0/kernel"`` or ``"kernel$"``.
+* a callable ``(path: str, leaf) -> bool``.
+* a ``bool`` pytree with the same structure as the params (a precomputed
+  selection, as returned by :func:`select`).
+
+Paths are ``/``-joined key names with the ``.value`` of ``nnx`` variables
+dropped: ``params/Dense_0/kernel`` for linen, ``linear/kernel`` for an nnx
+State, ``0/1`` for nested lists.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Union
+
+import jax
+import numpy as np
+
+PyTree = Any
+Where = Union[None, str, Callable[[str, Any], bool], PyTree]
+
+_EMBEDDING = re.compile(r"(^|/)(embedding|embed|embeddings|wte|wpe)($|/)", re.I)
+
+
+def _key_name(k) -> str | None:
+  if isinstance(k, jax.tree_util.DictKey):
+    return str(k.key)
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return None if k.name == "value" else k.name
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def path_str(keypath) -> str:
+  """The ``/``-joined path of a JAX key path (``nnx`` ``.value`` dropped)."""
+  names = (_key_name(k) for k in keypath)
+  return "/".join(n for n in names if n is not None)
+
+
+def display_path(keypath, root: str = "params") -> str:
+  """A Python-looking path for error messages: ``params['Dense_0']['kernel']``."""
+  keys = [k for k in keypath
+          if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
+  return root + jax.tree_util.keystr(tuple(keys))
+
+
+def is_leaf(x) -> bool:
+  """Leaves of compressax: arrays, scalars and compressed leaf nodes."""
+  from compressax._node import CompressedLeaf  # local: avoid an import cycle
+  return isinstance(x, CompressedLeaf)
+
+
+def default_rule(path: str, leaf) -> bool:
+  """Weight matrices and conv kernels: floating, ``ndim >= 2``, not embeddings."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None or not np.issubdtype(np.dtype(dtype), np.inexact):
+    return False
+  return len(getattr(leaf, "shape", ())) >= 2 and not _EMBEDDING.search(path)
+
+
+def _rule(where: Where) -> Callable[[str, Any], bool] | None:
+  if where is None:
+    return default_rule
+  if isinstance(where, str):
+    pattern = re.compile(where)
+    return lambda path, leaf: pattern.search(path) is not None
+  if callable(where) and not isinstance(where, (dict, list, tuple)):
+    return where
+  return None  # a bool tree
+
+
+def select(tree: PyTree, where: Where = None) -> PyTree:
+  """A pytree of Python bools: which leaves ``where`` selects.
+
+  Args:
+    tree: a parameter pytree.
+    where: the selection rule (see the module docstring).
+
+  Returns:
+    A pytree of the same structure as ``tree`` with ``True`` at selected
+    leaves.
+
+  Raises:
+    ValueError: if ``where`` is a bool tree whose structure differs.
+  """
+  rule = _rule(where)
+  if rule is None:
+    return _check_bool_tree(tree, where)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: bool(rule(path_str(p), x)), tree, is_leaf=is_leaf)
+
+
+def _check_bool_tree(tree: PyTree, where: PyTree) -> PyTree:
+  t1 = jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
+  t2 = jax.tree_util.tree_structure(where, is_leaf=is_leaf)
+  if t1 != t2:
+    raise ValueError(
+        f"`where` is a pytree whose structure does not match the params:\n"
+        f"  params: {t1}\n  where:  {t2}")
+  return jax.tree_util.tree_map(bool, where, is_leaf=is_leaf)
+
+
+def map_selected(fn: Callable[..., Any], tree: PyTree, *rest: PyTree,
+                 where: Where = None) -> PyTree:
+  """Apply ``fn(path, leaf, *rest_leaves)`` to the selected leaves.
+
+  Unselected leaves are returned as the very same objects (same dtype and
+  sharding). ``path`` is the full JAX key path, so ``fn`` can name it in an
+  error with :func:`display_path` or match it with :func:`path_str`.
+
+  Args:
+    fn: called as ``fn(keypath, leaf, *rest_leaves)`` for each selected leaf.
+    tree: the parameter pytree.
+    *rest: pytrees with the same structure as ``tree`` (e.g. masks, keys).
+    where: the selection rule (see the module docstring).
+
+  Returns:
+    A pytree like ``tree`` with the selected leaves replaced.
+  """
+  sel = select(tree, where)
+  for i, other in enumerate(rest):
+    t1 = jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
+    t2 = jax.tree_util.tree_structure(other, is_leaf=is_leaf)
+    if t1 != t2:
+      raise ValueError(
+          f"pytree argument {i + 1} does not match the params' structure:\n"
+          f"  params: {t1}\n  other:  {t2}")
+
+  def apply(p, x, s, *others):
+    return fn(p, x, *others) if s else x
+
+  return jax.tree_util.tree_map_with_path(
+      apply, tree, sel, *rest, is_leaf=is_leaf)
+
+
+def selected_leaves(tree: PyTree, where: Where = None) -> list[tuple[Any, Any]]:
+  """``[(keypath, leaf), ...]`` of the selected leaves, in tree order."""
+  sel = select(tree, where)
+  pairs = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)
+  flags = jax.tree_util.tree_leaves(sel, is_leaf=is_leaf)
+  return [pl for pl, s in zip(pairs, flags) if s]

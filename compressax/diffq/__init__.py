@@ -1,0 +1,2 @@
+"""DiffQ: differentiable model compression via pseudo-quantization noise."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""Distillation losses in the style of optax.losses."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""Optax gradient transformations for compression-aware training."""
+__all__ = []

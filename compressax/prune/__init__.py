@@ -1,0 +1,2 @@
+"""Pruning masks: magnitude (layer/global), N:M, structured, random, schedules."""
+__all__ = []

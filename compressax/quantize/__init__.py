@@ -1,0 +1,2 @@
+"""Quantization: uniform (Polino buckets, per-channel), STE, LSQ, k-means, codebooks."""
+__all__ = []

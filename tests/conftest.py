@@ -1,0 +1,23 @@
+"""Test configuration: fail loudly on broadcasting, dtype and sharding bugs.
+
+* 8 host CPU devices, so sharded code paths run on a laptop.
+* ``jax_numpy_rank_promotion="raise"``: implicit rank broadcasting is an error.
+* ``jax_numpy_dtype_promotion="strict"``: implicit dtype promotion is an error.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+import hypothesis  # noqa: E402
+
+hypothesis.settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
