@@ -1,0 +1,116 @@
+"""One flat array <-> one payload: the encoding chosen for each dtype kind.
+
+* floating (float16/bfloat16/float32/float64, ...): raw little-endian bytes.
+* integer: codes. Shifted by their minimum, stored with the minimal bit width
+  ``bit_length(max - min)`` through the smallest of raw bit packing, canonical
+  Huffman and ANS (:func:`compressax.io.encode_symbols`); a constant array
+  takes no payload bytes.
+* bool: masks. Either Deep Compression relative indices (the gap codes coded
+  like integer codes) or a bitmap (one bit per position, also offered to the
+  entropy coders), whichever payload is smaller.
+
+The encoding record is JSON-able; ``raw`` in it is the payload's size before
+entropy coding (bit-packed codes, packed relative indices or bitmap), used by
+:func:`compressax.io.size_report`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from compressax.io._bitpack import _container, packed_nbytes
+from compressax.io._entropy import decode_symbols, encode_symbols
+from compressax.io._sparse import (best_index_bits, relative_index_decode,
+                                   relative_index_encode)
+
+__all__ = []
+
+
+def kind_of(dtype) -> str:
+  """'float', 'int' or 'bool'; anything else is a ``TypeError``."""
+  dtype = np.dtype(dtype)
+  if dtype == bool:
+    return "bool"
+  if np.issubdtype(dtype, np.integer):
+    return "int"
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "float"
+  raise TypeError(f"cannot store arrays of dtype {dtype} (only floating, "
+                  "integer and bool arrays)")
+
+
+def _uint(itemsize: int) -> np.dtype:
+  return np.dtype(f"<u{itemsize}")
+
+
+def encode_flat(flat: np.ndarray) -> tuple[dict, bytes]:
+  """Encodes a 1-D array; returns ``(record, payload)``."""
+  kind = kind_of(flat.dtype)
+  n = int(flat.size)
+  if kind == "float":
+    data = flat.view(np.dtype(f"u{flat.dtype.itemsize}")).astype(
+        _uint(flat.dtype.itemsize)).tobytes()
+    return dict(kind="float", raw=len(data)), data
+  if kind == "bool":
+    return _encode_mask(flat)
+  # Integers: subtract the minimum with wrap-around in the same-width unsigned
+  # type; the true difference max - min always fits in it.
+  u_t = _uint(flat.dtype.itemsize)
+  if n == 0:
+    return dict(kind="int", min=0, bits=0, raw=0, count=0), b""
+  lo, hi = int(flat.min()), int(flat.max())
+  bits = (hi - lo).bit_length()
+  if bits == 0:
+    return dict(kind="int", min=lo, bits=0, raw=0, count=n), b""
+  u = flat.view(np.dtype(f"u{flat.dtype.itemsize}")) - u_t.type(lo % (1 << (8 * u_t.itemsize)))
+  u = u.astype(_container(bits), copy=False)
+  coded, payload = encode_symbols(u, bits)
+  return dict(kind="int", min=lo, raw=packed_nbytes(n, bits), **coded), payload
+
+
+def _encode_mask(flat: np.ndarray) -> tuple[dict, bytes]:
+  n = int(flat.size)
+  b, ncodes = best_index_bits(flat)
+  rec_i, pay_i = encode_symbols(relative_index_encode(flat, b), b)
+  rec_b, pay_b = encode_symbols(flat.astype(np.uint8), 1)
+  if len(pay_i) < len(pay_b):
+    return dict(kind="bool", scheme="relidx", index_bits=b,
+                raw=packed_nbytes(ncodes, b), **rec_i), pay_i
+  return dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1), **rec_b), pay_b
+
+
+def decode_flat(rec: dict, payload, dtype, count: int) -> np.ndarray:
+  """Inverts :func:`encode_flat`: ``count`` elements of ``dtype``."""
+  dtype = np.dtype(dtype)
+  kind = kind_of(dtype)
+  if rec.get("kind") != kind:
+    raise ValueError(f"encoding {rec.get('kind')!r} does not match dtype {dtype}")
+  payload = np.frombuffer(payload, np.uint8)
+  if kind == "float":
+    if payload.size != count * dtype.itemsize:
+      raise ValueError(f"{count} x {dtype} needs {count * dtype.itemsize} "
+                       f"bytes, got {payload.size}")
+    return payload.view(_uint(dtype.itemsize)).astype(
+        np.dtype(f"u{dtype.itemsize}")).view(dtype)
+  if kind == "bool":
+    if rec["scheme"] == "bitmap" and int(rec["count"]) != count:
+      raise ValueError("bitmap size does not match the shape")
+    symbols = decode_symbols(rec, payload)
+    if rec["scheme"] == "bitmap":
+      return symbols.astype(bool)
+    if rec["scheme"] != "relidx":
+      raise ValueError(f"unknown mask scheme {rec['scheme']!r}")
+    return relative_index_decode(symbols, int(rec["index_bits"]), count)
+  bits = int(rec["bits"])
+  if bits < 0 or bits > 8 * dtype.itemsize or int(rec["count"]) != count:
+    raise ValueError(f"bad integer encoding for {count} x {dtype}")
+  u_t = _uint(dtype.itemsize)
+  lo = int(rec["min"]) % (1 << (8 * u_t.itemsize))
+  if bits == 0:
+    if payload.size:
+      raise ValueError("a constant integer array has a non-empty payload")
+    u = np.zeros(count, u_t)
+  else:
+    u = decode_symbols(rec, payload).astype(u_t)
+  return (u + u_t.type(lo)).astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
