@@ -22,17 +22,23 @@ from compressax._select import map_selected
 from compressax._select import path_str
 from compressax._select import select
 from compressax._select import selected_leaves
+from compressax.io import CorruptFileError
+from compressax.io import load
+from compressax.io import save
+from compressax.io import size_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressedLeaf",
+    "CorruptFileError",
     "compressed_leaf",
     "default_rule",
     "diffq",
     "distill",
     "io",
     "is_compressed",
+    "load",
     "lowrank",
     "map_selected",
     "materialize",
@@ -40,7 +46,9 @@ __all__ = [
     "path_str",
     "prune",
     "quantize",
+    "save",
     "select",
     "selected_leaves",
+    "size_report",
     "storage_bits",
 ]
