@@ -26,7 +26,7 @@ import re
 from typing import Any, Callable, Union
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 PyTree = Any
 Where = Union[None, str, Callable[[str, Any], bool], PyTree]
@@ -56,6 +56,9 @@ def display_path(keypath, root: str = "params") -> str:
   """A Python-looking path for error messages: ``params['Dense_0']['kernel']``."""
   keys = [k for k in keypath
           if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
+  # A linen variables dict already starts with 'params': don't say it twice.
+  if keys and isinstance(keys[0], jax.tree_util.DictKey) and keys[0].key == root:
+    keys = keys[1:]
   return root + jax.tree_util.keystr(tuple(keys))
 
 
@@ -68,7 +71,8 @@ def is_leaf(x) -> bool:
 def default_rule(path: str, leaf) -> bool:
   """Weight matrices and conv kernels: floating, ``ndim >= 2``, not embeddings."""
   dtype = getattr(leaf, "dtype", None)
-  if dtype is None or not np.issubdtype(np.dtype(dtype), np.inexact):
+  # jnp.issubdtype: NumPy's own does not know bfloat16 is floating.
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
     return False
   return len(getattr(leaf, "shape", ())) >= 2 and not _EMBEDDING.search(path)
 

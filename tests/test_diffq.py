@@ -221,7 +221,7 @@ def test_bad_input_names_the_leaf():
     cx.diffq.init_logits(params, b_max=16)
   with pytest.raises(ValueError, match="init_bits"):
     cx.diffq.init_logits(params, init_bits=15)
-  with pytest.raises(TypeError, match=r"params\['params'\]\['step'\]: expected a floating"):
+  with pytest.raises(TypeError, match=r"params\['step'\]: expected a floating"):
     cx.diffq.init_logits(params, where="step")
   bad = _params()
   bad["params"]["Dense_0"]["kernel"][0, 0] = np.nan

@@ -153,7 +153,7 @@ def test_weight_share_tree_per_layer_bits():
   assert out["params"]["Conv_0"]["kernel"].n_clusters == 256
   assert out["params"]["Dense_0"]["kernel"].n_clusters == 32
   assert out["params"]["Conv_0"]["bias"] is params["params"]["Conv_0"]["bias"]
-  with pytest.raises(ValueError, match=r"params\['params'\]\['Dense_0'\]\['kernel'\]: "
+  with pytest.raises(ValueError, match=r"params\['Dense_0'\]\['kernel'\]: "
                      r"no pattern"):
     cx.quantize.weight_share_tree(params, {"Conv": 8})
   with pytest.raises(ValueError, match=r"\['Conv_0'\]\['kernel'\]: n_clusters must be in"):
