@@ -1,1 +1,423 @@
-__all__ = []
+"""Uniform quantization: affine or symmetric grids per tensor, channel or bucket.
+
+Fake quantization, its straight-through twin and the stored
+:class:`QuantizedArray` share one compiled pipeline and agree bit for bit:
+
+1. *Scale groups.* The whole tensor (default), or one group per index of the
+   channel ``axis``; with ``bucket_size=k`` each group is flattened and cut
+   into buckets of ``k`` values (Polino et al.). The last bucket is padded by
+   repeating its own last value, so padding never moves its min or max.
+2. *Scales.* Affine: ``alpha = max - min`` (``1`` when ``alpha < 1e-10``),
+   ``beta = min``, ``L = 2^bits - 1`` intervals, ``scale = alpha / L``,
+   ``offset = beta``, zero point 0. Symmetric: ``m = max|x|`` (``1`` when
+   ``m < 1e-10``), ``Q = 2^(bits-1) - 1``, ``scale = m / Q``, ``offset = 0``,
+   zero point ``Q``: a grid of ``2 Q + 1 = 2^bits - 1`` levels centred on an
+   exact zero (one code of ``2^bits`` is unused).
+3. *Codes.* ``c = round(y)`` (round half to even) or, stochastically,
+   ``floor(y) + Bernoulli(y - floor(y))``, with ``y = (x - offset) / scale``;
+   stored as ``c + zero point``, clipped to ``[0, 2 zero point or L]``.
+4. *Dequantization.* ``(c - zero point) * scale + offset``.
+
+Arithmetic runs in float32 (float64 for float64 inputs) and the result is cast
+back to ``x.dtype``.
+
+References:
+  Polino, Pascanu, Alistarh. *Model compression via distillation and
+  quantization*. ICLR 2018. https://arxiv.org/abs/1802.05668
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressax import _checks
+from compressax import _node
+from compressax import _select
+
+
+__all__ = ["QuantizedArray", "dequantize", "quantize", "uniform",
+           "uniform_ste"]
+
+
+_TINY = 1e-10
+
+
+def _norm_axis(path, axis, ndim) -> tuple[int, ...] | None:
+  if axis is None:
+    return None
+  axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+  if not axes:
+    _checks.fail(path, "axis must be an int, a non-empty tuple of ints or None")
+  out = []
+  for a in axes:
+    if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+      _checks.fail(path, f"axis must be an int or a tuple of ints, got {axis!r}",
+                   TypeError)
+    out.append(_checks.check_axis(path, int(a), ndim))
+  if len(set(out)) != len(out):
+    _checks.fail(path, f"axis {axis!r} repeats an axis")
+  return tuple(sorted(out))
+
+
+def _check_bits(path, bits, symmetric) -> None:
+  if isinstance(bits, (bool, np.bool_)):
+    _checks.fail(path, f"bits must be an integer, got {bits!r}", TypeError)
+  if _checks.is_concrete(bits):
+    if np.ndim(bits) != 0:
+      _checks.fail(path, f"bits must be a scalar, got shape {np.shape(bits)}")
+    _checks.check_bits(path, bits, lo=2 if symmetric else 1)
+  elif jnp.ndim(bits) != 0:
+    _checks.fail(path, f"bits must be a scalar, got shape {jnp.shape(bits)}")
+
+
+def _validate(path, x, bits, symmetric, axis, bucket_size, stochastic, key):
+  """Checks shared by every entry point; returns the normalised axes."""
+  if not hasattr(x, "dtype"):
+    x = jnp.asarray(x)
+  _checks.check_floating(path, x)
+  _check_bits(path, bits, symmetric)
+  axes = _norm_axis(path, axis, x.ndim)
+  if bucket_size is not None:
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size,
+                                                       (int, np.integer)):
+      _checks.fail(path, f"bucket_size must be an int or None, got "
+                         f"{bucket_size!r}", TypeError)
+    if bucket_size < 1:
+      _checks.fail(path, f"bucket_size must be >= 1, got {bucket_size}")
+  if stochastic and key is None:
+    _checks.fail(path, "stochastic=True needs a PRNG `key`")
+  # A concrete array closed over by a jitted function is still checked.
+  with jax.ensure_compile_time_eval():
+    _checks.check_finite(path, x)
+  return x, axes
+
+
+def _bits_int(bits, symmetric) -> jax.Array:
+  # Traced bits cannot be checked: they are rounded and clipped into range.
+  b = jnp.round(jnp.asarray(bits, jnp.float32))
+  return jnp.clip(b, 2 if symmetric else 1, 16).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where the scale groups of an array of ``shape`` lie.
+
+  Without buckets the array is used in place: a group is everything that
+  shares the indices along ``axes`` and the scales keep ``x``'s rank (size 1
+  on the reduced axes), so no transpose is needed. With buckets the array
+  becomes a ``(groups, bucket_size)`` matrix, channel by channel.
+  """
+  shape: tuple[int, ...]
+  axes: tuple[int, ...] | None
+  bucket_size: int | None
+
+  @property
+  def perm(self) -> tuple[int, ...]:  # kept axes first, then the others
+    kept = self.axes or ()
+    return kept + tuple(i for i in range(len(self.shape)) if i not in kept)
+
+  @property
+  def rows(self) -> int:
+    return math.prod(self.shape[a] for a in (self.axes or ()))
+
+  @property
+  def row_len(self) -> int:
+    return math.prod(self.shape) // max(self.rows, 1)
+
+  @property
+  def reduce_axes(self) -> tuple[int, ...]:
+    return (1,) if self.bucket_size else self.perm[len(self.axes or ()):]
+
+  @property
+  def scale_shape(self) -> tuple[int, ...]:
+    if self.bucket_size:
+      return (self.rows * -(-self.row_len // self.bucket_size), 1)
+    return tuple(1 if i in self.reduce_axes else d
+                 for i, d in enumerate(self.shape))
+
+  def view(self, x):
+    if self.bucket_size is None:
+      return x
+    m = jnp.transpose(x, self.perm).reshape(self.rows, self.row_len)
+    pad = -self.row_len % self.bucket_size
+    # Edge padding repeats a value of the last bucket, so min/max are exact.
+    m = jnp.pad(m, ((0, 0), (0, pad)), mode="edge")
+    return m.reshape(-1, self.bucket_size)
+
+  def unview(self, m):
+    if self.bucket_size is None:
+      return m
+    m = m.reshape(self.rows, -1)[:, :self.row_len]
+    moved = tuple(self.shape[i] for i in self.perm)
+    return jnp.transpose(m.reshape(moved), np.argsort(self.perm))
+
+
+def _compute_dtype(dtype):
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _zero_point(b, symmetric, dtype):
+  if symmetric:
+    return (jnp.left_shift(1, b - 1) - 1).astype(dtype)
+  return jnp.zeros((), dtype)
+
+
+def _scales(g, b, symmetric, layout):
+  """Per group: ``scale``, ``1/scale``, ``offset``; the zero point, top code.
+
+  XLA rewrites a division by a compile-time constant into a multiplication
+  by its reciprocal, so ``alpha / levels`` would round differently when
+  ``bits`` is a constant than when it is traced. Multiplying by an explicit
+  reciprocal gives the same bits either way.
+  """
+  zero = _zero_point(b, symmetric, g.dtype)
+  axes = layout.reduce_axes
+  if symmetric:
+    m = jnp.max(jnp.abs(g), axis=axes, keepdims=True)
+    m = jnp.where(m < _TINY, jnp.ones_like(m), m)
+    return m * (1 / zero), zero / m, jnp.zeros_like(m), zero, 2 * zero
+  levels = (jnp.left_shift(1, b) - 1).astype(g.dtype)
+  lo = jnp.min(g, axis=axes, keepdims=True)
+  hi = jnp.max(g, axis=axes, keepdims=True)
+  alpha = hi - lo
+  alpha = jnp.where(alpha < _TINY, jnp.ones_like(alpha), alpha)
+  return alpha * (1 / levels), levels / alpha, lo, zero, levels
+
+
+def _dequant(codes, scale, offset, zero):
+  return (codes - zero) * scale + offset
+
+
+def _encode(x, bits, symmetric, layout, stochastic, key):
+  """Float-valued codes (viewed) and the scales (of ``layout.scale_shape``)."""
+  cdt = _compute_dtype(x.dtype)
+  g = layout.view(x.astype(cdt))
+  scale, inv, offset, zero, top = _scales(g, _bits_int(bits, symmetric),
+                                          symmetric, layout)
+  # Round before adding the zero point so that ties break symmetrically.
+  y = (g - offset) * inv
+  if stochastic:
+    lo = jnp.floor(y)
+    u = jax.random.uniform(key, y.shape, cdt)
+    codes = lo + (u < y - lo).astype(cdt)
+  else:
+    codes = jnp.round(y)
+  return jnp.clip(codes + zero, 0, top), scale, offset, zero
+
+
+# Every entry point runs compiled: XLA contracts `c * scale + offset` into a
+# fused multiply-add, so op-by-op (eager) execution would differ in the last
+# bit from the same code under a user's jit.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _fake(x, bits, key, symmetric, layout, stochastic):
+  codes, scale, offset, zero = _encode(x, bits, symmetric, layout, stochastic,
+                                       key)
+  return layout.unview(_dequant(codes, scale, offset, zero)).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _quantize_jit(x, bits, key, symmetric, layout, stochastic, code_dtype):
+  codes, scale, offset, _ = _encode(x, bits, symmetric, layout, stochastic, key)
+  # A symmetric grid's offset is identically zero: store none.
+  offset = offset[:0] if symmetric else offset
+  return (layout.unview(codes).astype(code_dtype), scale.reshape(-1),
+          offset.reshape(-1))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _materialize_jit(codes, scale, offset, bits, symmetric, layout, dtype):
+  zero = _zero_point(_bits_int(bits, symmetric), symmetric, scale.dtype)
+  g = layout.view(codes.astype(scale.dtype))
+  scale = scale.reshape(layout.scale_shape)
+  offset = (jnp.zeros_like(scale) if symmetric
+            else offset.reshape(layout.scale_shape))
+  return layout.unview(_dequant(g, scale, offset, zero)).astype(dtype)
+
+
+def uniform(x, bits, *, symmetric: bool = False, axis=None,
+            bucket_size: int | None = None, stochastic: bool = False, key=None,
+            path: Any = "x") -> jax.Array:
+  """Fake-quantize ``x`` on a uniform grid (quantize, then dequantize).
+
+  Args:
+    x: a floating-point array (float32, bfloat16, float16, ...).
+    bits: bits per value, an integer in ``[1, 16]`` (``[2, 16]`` when
+      ``symmetric``). May be a traced scalar (so ``jax.vmap`` over bits
+      works); a traced value is rounded and clipped into that range.
+    symmetric: ``False``: affine min/max grid of ``2^bits`` levels (Polino et
+      al.). ``True``: abs-max grid of ``2^bits - 1`` levels symmetric about an
+      exact zero.
+    axis: ``None`` for one scale per tensor, or the channel axis (an int or a
+      tuple of ints): one scale per index along it, e.g. ``axis=-1`` for a
+      Dense kernel's output features.
+    bucket_size: if set, each scale group (the tensor, or each channel's
+      values when ``axis`` is also set) is flattened and cut into buckets of
+      this many values with one scale each; the last bucket is padded without
+      changing its min/max.
+    stochastic: round down or up with probability equal to the remainder
+      (unbiased) instead of to the nearest level (round half to even).
+    key: a PRNG key, required when ``stochastic``.
+    path: the name used in error messages (the tree form passes the leaf's
+      path).
+
+  Returns:
+    The dequantized array, same shape and dtype as ``x``.
+
+  Raises:
+    TypeError: ``x`` is not floating point, or ``axis``/``bucket_size`` has the
+      wrong type.
+    ValueError: concrete ``bits`` out of range or not an integer, bad
+      ``axis`` or ``bucket_size``, NaN/Inf in a concrete ``x``, or
+      ``stochastic`` without ``key``.
+
+  Example:
+    >>> w = jnp.linspace(-1.0, 1.0, 512).reshape(32, 16)
+    >>> q = uniform(w, 4, bucket_size=256)
+    >>> qs = jax.vmap(lambda b: uniform(w, b))(jnp.arange(2, 9))
+
+  References:
+    Polino, Pascanu, Alistarh. *Model compression via distillation and
+    quantization*. ICLR 2018. https://arxiv.org/abs/1802.05668
+  """
+  x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
+                      key)
+  if x.size == 0:
+    return x
+  layout = _Layout(tuple(x.shape), axes, bucket_size)
+  return _fake(x, jnp.asarray(bits), key if stochastic else None,
+               bool(symmetric), layout, bool(stochastic))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ste_core(x, bits, key, config):
+  return _fake(x, bits, key, *config)
+
+
+def _ste_fwd(x, bits, key, config):
+  return _ste_core(x, bits, key, config), None
+
+
+def _ste_bwd(config, res, g):
+  del config, res
+  return g, None, None
+
+
+_ste_core.defvjp(_ste_fwd, _ste_bwd)
+
+
+def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
+                bucket_size: int | None = None, stochastic: bool = False,
+                key=None, path: Any = "x") -> jax.Array:
+  """:func:`uniform` with a straight-through gradient, for quantization-aware training.
+
+  The forward value is exactly ``uniform(x, bits, ...)``; the backward pass
+  treats quantization as the identity, ``d out / d x = 1`` everywhere: both
+  grids span their group's own range (min/max, or +-abs-max), so no value is
+  clipped and there is no out-of-range region to zero. ``bits`` and ``key``
+  get no gradient. Arguments, return value and errors as :func:`uniform`.
+
+  References:
+    Bengio, Leonard, Courville. *Estimating or propagating gradients through
+    stochastic neurons*. 2013. https://arxiv.org/abs/1308.3432
+    Polino et al. ICLR 2018. https://arxiv.org/abs/1802.05668
+  """
+  x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
+                      key)
+  if x.size == 0:
+    return x
+  config = (bool(symmetric), _Layout(tuple(x.shape), axes, bucket_size),
+            bool(stochastic))
+  return _ste_core(x, jnp.asarray(bits), key if stochastic else None, config)
+
+
+@_node.compressed_leaf
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray(_node.CompressedLeaf):
+  """Uniformly quantized array: integer codes plus per-group scale and offset.
+
+  ``codes`` has the dense array's shape (uint8 for ``bits <= 8``, uint16
+  above); ``scale`` and ``offset`` are float32 (float64 for float64 arrays)
+  of shape ``(groups,)`` in group order (channels in ``axis`` order, then
+  buckets); a symmetric grid's ``offset`` is empty (it is zero). A value
+  dequantizes to ``(code - zero) * scale + offset`` with
+  ``zero = 2^(bits-1) - 1`` when ``symmetric`` and ``0`` otherwise.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  offset: jax.Array
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  shape: tuple = dataclasses.field(metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+  symmetric: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  axis: tuple | None = dataclasses.field(default=None,
+                                         metadata=dict(static=True))
+  bucket_size: int | None = dataclasses.field(default=None,
+                                              metadata=dict(static=True))
+
+  def materialize(self) -> jax.Array:
+    """The dequantized array; equals :func:`uniform` with the same options."""
+    axes = None if self.axis is None else tuple(self.axis)
+    layout = _Layout(tuple(self.shape), axes, self.bucket_size)
+    return _materialize_jit(self.codes, self.scale, self.offset,
+                            int(self.bits), bool(self.symmetric), layout,
+                            np.dtype(self.dtype))
+
+  def storage_bits(self) -> int:
+    """``codes.size * bits + 32 * (scale.size + offset.size)``.
+
+    Affine groups store a scale and an offset (two float32s), symmetric groups
+    only the scale. Padding of the last bucket is not stored. For affine
+    buckets of ``k`` values this is Polino's ratio ``k*32 / (k*bits + 2*32)``
+    against float32.
+    """
+    floats = int(np.size(self.scale)) + int(np.size(self.offset))
+    return int(np.size(self.codes)) * int(self.bits) + 32 * floats
+
+
+def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
+             bucket_size: int | None = None, stochastic: bool = False,
+             key=None, path: Any = "x") -> QuantizedArray:
+  """Quantize ``x`` into a :class:`QuantizedArray` (integer codes + scales).
+
+  Same options as :func:`uniform`; ``node.materialize()`` equals
+  ``uniform(x, bits, ...)`` bit for bit. ``bits`` must be a concrete Python
+  int here (it decides the codes' dtype); ``x`` may be traced.
+
+  Raises:
+    TypeError: ``bits`` is traced, or as :func:`uniform`.
+    ValueError: as :func:`uniform`, or ``x`` is empty.
+
+  References:
+    Polino et al. ICLR 2018. https://arxiv.org/abs/1802.05668
+  """
+  if not _checks.is_concrete(bits):
+    _checks.fail(path, "quantize needs a concrete (Python int) `bits`: it "
+                       "decides the codes' dtype; use `uniform` for traced bits",
+                 TypeError)
+  x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
+                      key)
+  if x.size == 0:
+    _checks.fail(path, "cannot quantize an empty array")
+  bits = int(bits)
+  layout = _Layout(tuple(x.shape), axes, bucket_size)
+  dtype = np.dtype(np.uint8 if bits <= 8 else np.uint16)
+  codes, scale, offset = _quantize_jit(
+      x, jnp.asarray(bits), key if stochastic else None, bool(symmetric),
+      layout, bool(stochastic), dtype)
+  return QuantizedArray(
+      codes=codes, scale=scale, offset=offset, bits=bits, shape=tuple(x.shape),
+      dtype=np.dtype(x.dtype), symmetric=bool(symmetric), axis=axes,
+      bucket_size=None if bucket_size is None else int(bucket_size))
+
+
+def dequantize(node: QuantizedArray) -> jax.Array:
+  """The dense array a :class:`QuantizedArray` stands for."""
+  return node.materialize()
