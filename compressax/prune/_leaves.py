@@ -1,0 +1,108 @@
+"""Per-leaf plumbing shared by the mask builders (private).
+
+Resolves a sparsity given as a scalar, a per-leaf pytree or a path mapping,
+checks the leaves a mask is built for, and assembles mask trees in which
+unselected leaves get a 0-d ``True`` (keep all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from compressax import _checks
+from compressax._node import is_compressed
+from compressax._select import is_leaf
+from compressax._select import path_str
+from compressax._select import select
+from compressax.prune import _rank
+
+
+def keep_all():
+  """The mask of an unselected leaf: a 0-d ``True``."""
+  return np.ones((), bool)
+
+
+def dense_value(path, x):
+  """The checked dense value of a leaf to rank (compressed leaves materialized)."""
+  if is_compressed(x):
+    x = x.materialize()
+  _checks.check_floating(path, x)
+  check_finite(path, x)
+  return x
+
+
+def check_finite(path, x) -> None:
+  """NaN/Inf weights are an error (concrete leaves only).
+
+  Checked in NumPy: ``_checks.check_finite`` uses ``jnp`` ops, which are
+  staged (and so cannot be read) when a concrete leaf is closed over in jit.
+  """
+  if not _checks.is_concrete(x):
+    return
+  a = np.asarray(x)
+  if a.size and not np.isfinite(a).all():
+    n = int(np.size(a) - np.isfinite(a).sum())
+    _checks.fail(path, f"contains {n} NaN/Inf value(s); compression needs finite weights")
+
+
+def flat_selection(params, where):
+  """``(treedef, [(keypath, leaf)], [selected?])`` over the params' leaves."""
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+  flags = jax.tree_util.tree_leaves(select(params, where), is_leaf=is_leaf)
+  return treedef, pairs, flags
+
+
+def per_leaf_sparsity(params, sparsity, pairs, flags) -> list:
+  """One sparsity per selected leaf, from a scalar, a pytree or a mapping.
+
+  Accepted forms: a scalar (Python number or 0-d array, may be traced); a
+  pytree with the params' structure whose leaves are scalars (values at
+  unselected leaves are ignored), as returned by :func:`erk_sparsity`; or a
+  mapping from ``/``-joined leaf path (``"params/Dense_0/kernel"``) to scalar
+  that covers every selected leaf.
+  """
+  selected = [(p, x) for (p, x), f in zip(pairs, flags) if f]
+  if _is_scalar(sparsity):
+    out = [sparsity] * len(selected)
+  elif hasattr(sparsity, "shape"):
+    _rank.check_scalar("sparsity", sparsity)  # an array of several: an error
+  else:
+    treedef = jax.tree_util.tree_structure(params, is_leaf=is_leaf)
+    try:
+      sdef = jax.tree_util.tree_structure(sparsity)
+    except Exception:  # noqa: BLE001 (unflattenable: not a pytree form)
+      sdef = None
+    if sdef == treedef:
+      leaves = jax.tree_util.tree_leaves(sparsity)
+      out = [s for s, f in zip(leaves, flags) if f]
+    elif isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
+      out = []
+      for p, _ in selected:
+        if path_str(p) not in sparsity:
+          _checks.fail(p, f"no sparsity given for this leaf (path {path_str(p)!r} "
+                          f"is not a key of the sparsity mapping)")
+        out.append(sparsity[path_str(p)])
+    else:
+      raise TypeError(
+          "sparsity must be a scalar, a pytree of scalars with the params' "
+          "structure, or a mapping from leaf path to scalar; got "
+          f"{type(sparsity).__name__}")
+  for (p, _), s in zip(selected, out):
+    _rank.check_scalar(p, s)
+  return out
+
+
+def _is_scalar(s) -> bool:
+  if isinstance(s, (int, float, np.number, np.bool_)):
+    return True
+  return hasattr(s, "shape") and hasattr(s, "dtype") and np.ndim(s) == 0
+
+
+def assemble(treedef, flags, masks) -> object:
+  """A mask tree: ``masks`` (in order) at selected leaves, 0-d True elsewhere."""
+  it = iter(masks)
+  leaves = [next(it) if f else keep_all() for f in flags]
+  return jax.tree_util.tree_unflatten(treedef, leaves)

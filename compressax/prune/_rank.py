@@ -1,0 +1,226 @@
+"""Exact top-k selection shared by every pruning mask (private).
+
+All masks in :mod:`compressax.prune` reduce to one primitive: keep exactly
+``k`` entries of one or more flat arrays of non-negative ``int32`` *keys*
+(bit patterns of ``|w|`` as float32, norms, or random bits), largest keys first.
+
+**Tie rule.** Entries are ranked by key, descending; equal keys are ranked by
+flat index, ascending, where the flat index runs over the arrays in the order
+given (tree order for a global mask). So among equal magnitudes the earlier
+weight is kept. The count is exact whatever the ties.
+
+**Algorithm.** Find the threshold ``t`` = the ``k``-th largest key, keep every
+key ``> t`` and the first ``k - #{key > t}`` keys equal to ``t``. The threshold
+comes from a sort of the keys (small inputs) or from a 32-step bisection on the
+key value (large inputs: no sort, no concatenated copy, memory stays near the
+size of the keys). Both give the same threshold, hence the same mask. ``k`` may
+be traced, so ``jax.vmap`` over sparsities works.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from compressax import _checks
+
+_INT_MAX = int(np.iinfo(np.int32).max)
+# Above this many keys the threshold is found by bisection instead of a sort.
+SORT_LIMIT = 1 << 22
+# Relative tolerance under which a traced float32 s*n is taken as an integer.
+_TRACED_TOL = 2.0 ** -20
+
+
+@jax.jit
+def magnitude_keys(x) -> jax.Array:
+  """Flat ``int32`` keys ordered like ``|x|``.
+
+  For non-negative floats the IEEE bit pattern, read as a signed integer, is
+  monotonic in the value, so comparing keys compares magnitudes exactly.
+  Leaves are compared in float32 (bfloat16/float16 upcast exactly; a float64
+  leaf is rounded, which can only create ties, never change the count).
+  """
+  a = jnp.abs(jnp.ravel(x)).astype(jnp.float32)
+  return lax.bitcast_convert_type(a, jnp.int32)
+
+
+def random_keys(key, n: int) -> jax.Array:
+  """``n`` uniformly random non-negative ``int32`` keys from a PRNG key."""
+  bits = jax.random.bits(key, (n,), jnp.uint32)
+  return (bits >> 1).astype(jnp.int32)
+
+
+def pruned_count(n: int, sparsity):
+  """``floor(sparsity * n)``: how many of ``n`` entries a sparsity prunes.
+
+  A concrete sparsity is read as the shortest decimal that round-trips to it
+  (``str`` of the NumPy scalar) and multiplied in exact rational arithmetic, so
+  ``0.29`` of 100 prunes 29 although ``0.29 * 100 == 28.999999999999996`` in
+  float64. A traced sparsity is clipped to ``[0, 1]`` and computed in float32;
+  a product within a relative ``2**-20`` of an integer is taken as that
+  integer (float32 cannot hold ``0.29`` exactly either). That matches the
+  concrete count whenever ``s * n < 2**19`` or so; for larger products it may
+  differ by a few counts. Pass a concrete sparsity for the exact rule.
+
+  Returns:
+    A Python ``int`` for a concrete sparsity, else an ``int32`` scalar.
+  """
+  if _checks.is_concrete(sparsity):
+    v = np.asarray(sparsity)[()]
+    return math.floor(Fraction(str(v)) * n)
+  s = jnp.clip(jnp.asarray(sparsity).astype(jnp.float32), 0.0, 1.0)
+  q = s * np.float32(n)
+  r = jnp.round(q)
+  near = jnp.abs(q - r) <= _TRACED_TOL * jnp.maximum(q, 1.0)
+  return jnp.where(near, r, jnp.floor(q)).astype(jnp.int32)
+
+
+def kept_count(n: int, sparsity):
+  """``n - floor(sparsity * n)`` (see :func:`pruned_count`)."""
+  return n - pruned_count(n, sparsity)
+
+
+def check_scalar(path, sparsity) -> None:
+  """A sparsity must be one number in ``[0, 1)`` (checked when concrete)."""
+  number = isinstance(sparsity, (int, float, np.number)) or (
+      hasattr(sparsity, "shape") and hasattr(sparsity, "dtype"))
+  if not number or isinstance(sparsity, bool):
+    _checks.fail(path, f"sparsity must be a number, got {type(sparsity).__name__}",
+                 TypeError)
+  if np.ndim(sparsity) != 0:
+    _checks.fail(path, f"sparsity must be a scalar, got shape {np.shape(sparsity)}; "
+                       "use jax.vmap to sweep several", TypeError)
+  _checks.check_sparsity(path, sparsity)
+
+
+def _compare(v, t, key_fn, op: str) -> jax.Array:
+  """``key_fn(v) op t`` elementwise, flat.
+
+  For magnitude keys it is evaluated on the float values against the float
+  whose bit pattern is ``t``, ``|v| >= f`` as ``v >= f or v <= -f``: every
+  term then depends on ``t``, so XLA cannot hoist a full-size key array out of
+  the bisection loop (it would hold one int32 per weight). Same result for
+  finite weights; NaN weights (rejected when concrete) compare false here.
+  """
+  if key_fn is magnitude_keys:
+    a = jnp.ravel(v).astype(jnp.float32)
+    f = lax.bitcast_convert_type(t, jnp.float32)
+    if op == ">=":
+      return (a >= f) | (a <= -f)
+    if op == ">":
+      return (a > f) | (a < -f)
+    return (a == f) | (a == -f)
+  keys = key_fn(v)
+  return {">=": keys >= t, ">": keys > t, "==": keys == t}[op]
+
+
+def count(flags) -> jax.Array:
+  """``sum(flags)`` as int32 without a full-size int32 temporary.
+
+  XLA CPU rewrites a long reduction into a reduce-window whose input (here
+  the int32-converted flags) is materialized: 4 bytes per weight. Summing
+  rows of 32 first (short enough to stay a fused reduction) leaves only one
+  int32 per 32 weights for the long reduction.
+  """
+  n = flags.size
+  head = n - n % 32
+  if n <= 4096:
+    return jnp.sum(flags, dtype=jnp.int32)
+  rows = jnp.sum(flags[:head].reshape(head // 32, 32), axis=1, dtype=jnp.int32)
+  # The barrier stops XLA from merging the two reductions back into one.
+  return jnp.sum(lax.optimization_barrier(rows)) + jnp.sum(flags[head:], dtype=jnp.int32)
+
+
+def _bisect_threshold(values, key_fn, k) -> jax.Array:
+  """The largest ``t`` with ``#{key >= t} >= k`` (``INT_MAX`` when k == 0)."""
+  def count_ge(t):
+    return sum(count(_compare(v, t, key_fn, ">=")) for v in values)
+
+  def body(_, lohi):
+    lo, hi = lohi
+    span = hi - lo
+    mid = lo + span // 2 + span % 2  # ceil midpoint, no int32 overflow
+    ok = count_ge(mid) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(_INT_MAX)))
+  return lo
+
+
+def _sort_threshold(keys_list, k, n_total: int) -> jax.Array:
+  allk = keys_list[0] if len(keys_list) == 1 else jnp.concatenate(keys_list)
+  srt = jnp.sort(allk)
+  kth = srt[jnp.clip(n_total - k, 0, n_total - 1)]
+  return jnp.where(k > 0, kth, _INT_MAX)
+
+
+def _identity(x):
+  return x
+
+
+def topk_masks(values, k, *, key_fn=None, method: str | None = None) -> list[jax.Array]:
+  """Keep exactly ``k`` of the keys of ``values`` taken together.
+
+  Args:
+    values: arrays whose ``key_fn`` are flat non-negative ``int32`` keys.
+    k: how many to keep in total (Python int or ``int32`` scalar, may be
+      traced); clipped to ``[0, total]``.
+    key_fn: maps one array of ``values`` to its flat keys (default: the values
+      are the keys). A module-level function, so jit caches by it.
+    method: ``"sort"`` or ``"bisect"`` to find the threshold; ``None`` picks by
+      size. Both give identical masks.
+
+  Returns:
+    Flat ``bool`` arrays, one per array of ``values`` (True = kept).
+  """
+  n_total = sum(int(np.size(v)) for v in values)
+  if n_total >= _INT_MAX:
+    raise ValueError(f"cannot rank {n_total} weights at once (int32 counts); "
+                     "use scope='layer'")
+  if n_total == 0:
+    return [jnp.zeros((0,), bool) for _ in values]
+  if method is None:
+    method = "sort" if n_total <= SORT_LIMIT else "bisect"
+  if method not in ("sort", "bisect"):
+    raise ValueError(f"method must be 'sort' or 'bisect', got {method!r}")
+  # Jitted (and inlined under an outer jit) so eager calls are one dispatch
+  # and a concrete k does not recompile.
+  return _topk_jit(list(values), jnp.asarray(k, jnp.int32), method,
+                   key_fn or _identity)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "key_fn"))
+def _topk_jit(values, k, method, key_fn):
+  n_total = sum(int(v.size) for v in values)
+  k = jnp.clip(k, 0, n_total)
+  if method == "sort":
+    t = _sort_threshold([key_fn(v) for v in values], k, n_total)
+  else:
+    t = _bisect_threshold(values, key_fn, k)
+  # Per-leaf counts first (fused reductions), then each leaf's mask in one
+  # pass, so no full-size intermediate outlives its leaf.
+  n_gt = [count(_compare(v, t, key_fn, ">")) for v in values]
+  n_eq = [count(_compare(v, t, key_fn, "==")) for v in values]
+  need = k - sum(n_gt)
+  out, offset = [], jnp.int32(0)
+  for v, ne in zip(values, n_eq):
+    take = need - offset
+
+    def some_ties(v, tk):
+      eq = _compare(v, t, key_fn, "==")
+      return _compare(v, t, key_fn, ">") | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= tk))
+
+    def all_or_no_ties(v, tk, ne=ne):
+      return _compare(v, t, key_fn, ">") | (_compare(v, t, key_fn, "==") & (tk >= ne))
+
+    # The running count of ties is only needed when some, not all, of this
+    # leaf's ties are kept; skipping the cumsum keeps the common case cheap.
+    out.append(lax.cond((take > 0) & (take < ne), some_ties, all_or_no_ties, v, take))
+    offset = offset + ne
+  return out
