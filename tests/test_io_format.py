@@ -107,15 +107,22 @@ def test_round_trip_is_bit_exact(tmp_path_factory, tree):
 @st.composite
 def _masked_nodes(draw):
   shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=3)))
-  density = draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))
+  density = draw(st.sampled_from([0.0, 0.05, 0.5, 1.0, "runs"]))
   seed = draw(st.integers(0, 2 ** 31))
   dtype = np.dtype(draw(st.sampled_from([np.float32, np.float16, jnp.bfloat16])))
   rng = np.random.default_rng(seed)
-  mask = rng.random(shape) < density
+  if density == "runs":  # runs along the first axis: often stored transposed
+    offset = rng.integers(0, 3, shape[1:])
+    mask = (np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+            + offset) % 3 == 0
+  else:
+    mask = rng.random(shape) < density
   codes = rng.integers(0, 2 ** draw(st.integers(1, 8)), size=shape).astype(np.uint16)
   inner = IoToyCodes(codes, np.float32(rng.normal()), np.float32(rng.normal()),
                      shape, dtype)
   value = inner if draw(st.booleans()) else rng.normal(size=shape).astype(dtype)
+  if draw(st.booleans()):  # a masked node inside a masked node
+    value = IoToyMasked(value, rng.random(shape) < 0.6, shape, dtype)
   return IoToyMasked(value, mask, shape, dtype)
 
 
@@ -127,6 +134,8 @@ def test_masked_nodes_round_trip(tmp_path_factory, nodes):
   back = io.load(path, keep_compressed=True)
   for a, b in zip(nodes, back):
     np.testing.assert_array_equal(a.mask, b.mask)
+    while isinstance(b.value, IoToyMasked):
+      a, b = a.value, b.value
     v = b.value.codes if cx.is_compressed(b.value) else b.value
     assert not np.asarray(v)[~a.mask].astype(np.float32).any()
 
@@ -211,8 +220,8 @@ def test_linen_and_nnx_trees(tmp_path):
 def test_unsupported_leaves_name_the_path(tmp_path):
   with pytest.raises(TypeError, match="a/b"):
     io.save(tmp_path / "bad.cx", {"a": {"b": np.array(["x"])}})
-  with pytest.raises(TypeError, match="keys must be strings"):
-    io.save(tmp_path / "bad.cx", {1: np.ones(2)})
+  with pytest.raises(TypeError, match="keys must be strings or ints"):
+    io.save(tmp_path / "bad.cx", {(1, 2): np.ones(2)})
 
 
 # ------------------------------------------------------------- robustness
@@ -259,15 +268,30 @@ def test_every_truncation_is_detected(small_file, tmp_path):
     io.load(path)
 
 
-def _rewrite(data, edit, version=None):
+_HDR = struct.Struct("<8sHHQI")
+
+
+def _manifest(data):
+  magic, ver, flags, mlen, _ = _HDR.unpack_from(data)
+  stored = data[_HDR.size:_HDR.size + mlen]
+  return json.loads(zlib.decompress(stored) if flags & 1 else stored)
+
+
+def _with_manifest(data, stored, version=None, flags=None):
+  """`data` with its manifest bytes replaced by `stored` (valid CRC)."""
+  magic, ver, fl, mlen, _ = _HDR.unpack_from(data)
+  return (_HDR.pack(magic, ver if version is None else version,
+                    fl if flags is None else flags, len(stored),
+                    zlib.crc32(stored)) + stored + data[_HDR.size + mlen:])
+
+
+def _rewrite(data, edit, version=None, compress=True):
   """Re-serializes a file after `edit(manifest)`, with a valid manifest CRC."""
-  hdr = struct.Struct("<8sHHQI")
-  magic, ver, flags, mlen, _ = hdr.unpack_from(data)
-  manifest = json.loads(data[hdr.size:hdr.size + mlen])
+  manifest = _manifest(data)
   edit(manifest)
   m = json.dumps(manifest).encode()
-  return (hdr.pack(magic, ver if version is None else version, flags, len(m),
-                   zlib.crc32(m)) + m + data[hdr.size + mlen:])
+  return _with_manifest(data, zlib.compress(m, 9) if compress else m, version,
+                        flags=1 if compress else 0)
 
 
 def _leaf(manifest, *keys):
@@ -290,12 +314,57 @@ def _leaf(manifest, *keys):
     (lambda m: _leaf(m, "m").update({"class": "NoSuchNode"}), "m"),
     (lambda m: m["tree"]["items"].__setitem__(0, ["dense2", m["tree"]["items"][0][1]]), "dense2"),
 ])
-def test_lying_manifest_names_file_and_leaf(small_file, tmp_path, lie, where):
+@pytest.mark.parametrize("compress", [True, False])
+def test_lying_manifest_names_file_and_leaf(small_file, tmp_path, lie, where,
+                                            compress):
   _, data, _ = small_file
   path = str(tmp_path / "lie.cx")
   with pytest.raises(io.CorruptFileError) as e:
-    _load_bytes(path, _rewrite(data, lie))
+    _load_bytes(path, _rewrite(data, lie, compress=compress))
   assert path in str(e.value) and where in str(e.value)
+
+
+def test_manifest_is_zlib_compressed(small_file, tmp_path):
+  _, data, ref = small_file
+  magic, ver, flags, mlen, crc = _HDR.unpack_from(data)
+  assert ver == io.FORMAT_VERSION == 2 and flags == io._format.FLAG_ZLIB_MANIFEST
+  stored = data[_HDR.size:_HDR.size + mlen]
+  assert crc == zlib.crc32(stored)
+  plain = json.dumps(_manifest(data), separators=(",", ":")).encode()
+  assert stored == zlib.compress(plain, 9) and len(stored) < len(plain)
+  # Readers also take a plain manifest, and version 1 files (flags 0).
+  path = str(tmp_path / "p.cx")
+  _assert_identical(ref, _load_bytes(path, _rewrite(data, lambda m: None,
+                                                    compress=False)))
+  v1 = _rewrite(data, lambda m: m.update(version=1), version=1, compress=False)
+  _assert_identical(ref, _load_bytes(path, v1))
+  with pytest.raises(io.CorruptFileError, match="bad header"):
+    _load_bytes(path, _with_manifest(v1, zlib.compress(plain), flags=1))
+  with pytest.raises(io.CorruptFileError, match="bad header"):
+    _load_bytes(path, _with_manifest(data, stored, flags=3))
+
+
+def test_bad_compressed_manifest_with_valid_crc(small_file, tmp_path):
+  _, data, _ = small_file
+  path = str(tmp_path / "z.cx")
+  stored = data[_HDR.size:_HDR.size + _HDR.unpack_from(data)[3]]
+  for bad in (b"not zlib at all", stored[:len(stored) // 2], stored + b"junk",
+              stored[:2] + bytes([stored[2] ^ 0xFF]) + stored[3:]):
+    with pytest.raises(io.CorruptFileError, match="z.cx"):
+      _load_bytes(path, _with_manifest(data, bad))
+
+
+def test_decompression_bomb_is_refused(small_file, tmp_path, monkeypatch):
+  _, data, _ = small_file
+  manifest = _manifest(data)
+  # Whitespace inflates far past the cap but is valid JSON around the manifest.
+  bomb = zlib.compress(json.dumps(manifest).encode() + b" " * 200_000, 9)
+  assert 64 * len(bomb) < 200_000
+  monkeypatch.setattr(io._format, "_MANIFEST_CAP", 100_000)
+  with pytest.raises(io.CorruptFileError, match="more than"):
+    _load_bytes(str(tmp_path / "b.cx"), _with_manifest(data, bomb))
+  monkeypatch.setattr(io._format, "_MANIFEST_CAP", 64 << 20)
+  _load_bytes(str(tmp_path / "b.cx"), _with_manifest(data, bomb))  # under the cap
 
 
 def test_header_errors(small_file, tmp_path):
@@ -332,3 +401,105 @@ def test_size_report_matches_the_file(tmp_path):
   assert same.file_bytes == report.file_bytes and same.leaves == report.leaves
   again = io.size_report(tree, file=tmp_path / "r2.cx")
   assert again.file_bytes == os.path.getsize(tmp_path / "r2.cx")
+
+
+# ------------------------------------------------------------- scan order
+
+
+def _banded(shape, run=8, seed=0):
+  """Each column keeps one run of rows at a random start: cheap column-major."""
+  start = np.random.default_rng(seed).integers(0, shape[0] - run, shape[1])
+  i = np.arange(shape[0])[:, None]
+  return (i >= start) & (i < start + run)
+
+
+def test_transposed_scan_order_is_picked_and_round_trips(tmp_path):
+  shape = (64, 48)
+  rng = np.random.default_rng(11)
+  codes = rng.integers(0, 64, size=shape).astype(np.uint8)
+  mask = _banded(shape)
+  inner = IoToyCodes(codes, np.float32(0.5), np.float32(-3.0), shape,
+                     np.dtype(np.float32))
+  tree = {"col": IoToyMasked(inner, mask, shape, np.dtype(np.float32)),
+          "row": IoToyMasked(IoToyCodes(codes.T.copy(), np.float32(0.5),
+                                        np.float32(-3.0), shape[::-1],
+                                        np.dtype(np.float32)),
+                             mask.T.copy(), shape[::-1], np.dtype(np.float32))}
+  path = tmp_path / "t.cx"
+  io.save(path, tree)
+  manifest = io._format.parse(path.read_bytes(), "t")[0]
+  assert _leaf(manifest, "col", "mask")["perm"] == [1, 0]
+  codes_rec = _leaf(manifest, "col", "value", "codes")
+  assert codes_rec["sparse"] and codes_rec["perm"] == [1, 0]
+  assert "perm" not in _leaf(manifest, "row", "mask")  # C order wins there
+  # Same payload sizes: the transposed mask is coded like the other one.
+  assert _leaf(manifest, "col", "mask")["p"][1] == _leaf(manifest, "row", "mask")["p"][1]
+  _assert_identical(cx.materialize(tree), io.load(path))
+  back = io.load(path, keep_compressed=True)
+  for k in tree:
+    m = np.asarray(tree[k].mask)
+    np.testing.assert_array_equal(back[k].mask, m)
+    np.testing.assert_array_equal(back[k].value.codes[m], tree[k].value.codes[m])
+    assert not back[k].value.codes[~m].any()
+  # A manifest that swaps the order back is caught by the payload checksums.
+  with pytest.raises(io.CorruptFileError, match="col/mask"):
+    io._format.loads(_rewrite(path.read_bytes(),
+                              lambda m: _leaf(m, "col", "mask").pop("perm")), "t")
+
+
+def test_nested_masks_follow_the_outer_scan_order(tmp_path):
+  shape = (40, 3, 32)
+  rng = np.random.default_rng(12)
+  outer = np.broadcast_to(_banded((40, 32), run=12)[:, None, :], shape).copy()
+  inner_mask = rng.random(shape) < 0.7
+  codes = rng.integers(0, 200, size=shape).astype(np.uint8)
+  node = IoToyMasked(IoToyMasked(IoToyCodes(codes, np.float32(1), np.float32(0),
+                                            shape, np.dtype(np.float16)),
+                                 inner_mask, shape, np.dtype(np.float16)),
+                     outer, shape, np.dtype(np.float16))
+  io.save(tmp_path / "n.cx", [node])
+  manifest = io._format.parse((tmp_path / "n.cx").read_bytes(), "n")[0]
+  perm = _leaf(manifest, 0, "mask").get("perm")
+  inner_rec = _leaf(manifest, 0, "value", "mask")
+  assert inner_rec["sparse"] and inner_rec.get("perm") == perm
+  assert _leaf(manifest, 0, "value", "value", "codes").get("perm") == perm
+  _assert_identical([np.asarray(node.materialize())], io.load(tmp_path / "n.cx"))
+  back = io.load(tmp_path / "n.cx", keep_compressed=True)[0]
+  both = outer & inner_mask
+  np.testing.assert_array_equal(back.value.mask, both)
+  np.testing.assert_array_equal(back.value.value.codes[both], codes[both])
+
+
+def test_3d_mask_scans_its_regular_axis_fastest(tmp_path):
+  rng = np.random.default_rng(13)
+  shape = (12, 60, 10)
+  off = rng.integers(0, 6, (shape[0], 1, shape[2]))
+  mask = (np.arange(shape[1])[None, :, None] + off) % 6 < 2  # runs along axis 1
+  io.save(tmp_path / "c.cx", {"m": mask})
+  manifest = io._format.parse((tmp_path / "c.cx").read_bytes(), "c")[0]
+  assert _leaf(manifest, "m")["perm"] == [0, 2, 1]
+  _assert_identical({"m": mask}, io.load(tmp_path / "c.cx"))
+
+
+def test_nnx_state_with_integer_keys_round_trips(tmp_path):
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)])
+
+  _, state = nnx.split(Net(nnx.Rngs(0)))
+  path = tmp_path / "nnx.cx"
+  cx.io.save(path, state)
+  loaded = cx.io.load(path)
+  assert set(loaded["blocks"]) == {0, 1}
+  restored = nnx.to_pure_dict(state)
+  for i in (0, 1):
+    for name in ("kernel", "bias"):
+      np.testing.assert_array_equal(loaded["blocks"][i][name], restored["blocks"][i][name])
+  # int key 0 and str key "0" are different trees
+  cx.io.save(tmp_path / "a.cx", {0: np.ones(2, np.float32), "0": np.zeros(2, np.float32)})
+  both = cx.io.load(tmp_path / "a.cx")
+  assert both[0].sum() == 2 and both["0"].sum() == 0
+  with pytest.raises(TypeError, match="strings or ints"):
+    cx.io.save(tmp_path / "b.cx", {1.5: np.ones(2)})

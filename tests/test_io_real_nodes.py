@@ -74,3 +74,28 @@ def test_lowrank_and_diffq(tmp_path):
           "dq": dq.quantize(params, logits, group_size=16)}
   assert isinstance(tree["dq"]["dense"]["kernel"], dq.DiffQArray)
   _round_trip(tmp_path, tree)
+
+
+def test_masked_codebook_in_transposed_scan_order(tmp_path):
+  q = _need("quantize", "CodebookArray")
+  p = _need("prune", "MaskedArray")
+  rng = np.random.default_rng(4)
+  shape = (96, 40)
+  # Runs of 6 kept rows every 24 rows, at a random offset per column: regular
+  # gaps down each column, geometric ones along each row.
+  offset = rng.integers(0, 24, shape[1])
+  mask = (np.arange(shape[0])[:, None] + offset) % 24 < 6
+  codes = rng.integers(0, 64, size=shape).astype(np.uint8)
+  cb = q.CodebookArray(jnp.asarray(codes), jnp.asarray(rng.normal(size=64), jnp.float32),
+                       shape, np.dtype(np.float32))
+  node = p.MaskedArray(cb, jnp.asarray(mask), shape, np.dtype(np.float32))
+  nodes, _ = _round_trip(tmp_path, {"fc": node})
+  manifest = io._format.parse((tmp_path / "real.cx").read_bytes(), "real")[0]
+  fields = dict(manifest["tree"]["items"][0][1]["fields"])
+  assert fields["mask"]["perm"] == [1, 0]
+  assert dict(fields["value"]["fields"])["codes"]["perm"] == [1, 0]
+  back = nodes["fc"]
+  assert type(back) is p.MaskedArray and type(back.value) is q.CodebookArray
+  np.testing.assert_array_equal(back.mask, mask)
+  np.testing.assert_array_equal(np.asarray(back.value.codes)[mask], codes[mask])
+  np.testing.assert_array_equal(back.value.centroids, np.asarray(cb.centroids))

@@ -7,7 +7,9 @@
   takes no payload bytes.
 * bool: masks. Either Deep Compression relative indices (the gap codes coded
   like integer codes) or a bitmap (one bit per position, also offered to the
-  entropy coders), whichever payload is smaller.
+  entropy coders), whichever payload is smaller *after* entropy coding; the
+  relative-index width is chosen the same way (:func:`encode_mask`), and the
+  file writer also offers the transposed scan order of a 2-D+ mask.
 
 The encoding record is JSON-able; ``raw`` in it is the payload's size before
 entropy coding (bit-packed codes, packed relative indices or bitmap), used by
@@ -20,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax.io._bitpack import _container, packed_nbytes
-from compressax.io._entropy import decode_symbols, encode_symbols
+from compressax.io._entropy import decode_symbols, encode_symbols, estimate_nbytes
 from compressax.io._sparse import (best_index_bits, relative_index_decode,
                                    relative_index_encode)
 
 __all__ = []
+
+# Widest relative-index code tried (entropy coding works up to 16 bits).
+_MAX_INDEX_BITS = 16
 
 
 def kind_of(dtype) -> str:
@@ -53,7 +58,7 @@ def encode_flat(flat: np.ndarray) -> tuple[dict, bytes]:
         _uint(flat.dtype.itemsize)).tobytes()
     return dict(kind="float", raw=len(data)), data
   if kind == "bool":
-    return _encode_mask(flat)
+    return encode_mask([flat])[1:]
   # Integers: subtract the minimum with wrap-around in the same-width unsigned
   # type; the true difference max - min always fits in it.
   u_t = _uint(flat.dtype.itemsize)
@@ -69,15 +74,70 @@ def encode_flat(flat: np.ndarray) -> tuple[dict, bytes]:
   return dict(kind="int", min=lo, raw=packed_nbytes(n, bits), **coded), payload
 
 
-def _encode_mask(flat: np.ndarray) -> tuple[dict, bytes]:
-  n = int(flat.size)
-  b, ncodes = best_index_bits(flat)
-  rec_i, pay_i = encode_symbols(relative_index_encode(flat, b), b)
-  rec_b, pay_b = encode_symbols(flat.astype(np.uint8), 1)
-  if len(pay_i) < len(pay_b):
-    return dict(kind="bool", scheme="relidx", index_bits=b,
-                raw=packed_nbytes(ncodes, b), **rec_i), pay_i
-  return dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1), **rec_b), pay_b
+def _index_widths(idx: np.ndarray) -> range:
+  """Relative-index widths worth trying: 2 up to the first that needs no filler.
+
+  Beyond that width the gap codes are the gaps themselves, so their entropy
+  coded size no longer changes and only the raw width grows. Width 1 (a unary
+  code, one symbol per position) is tried only when no gap needs a filler:
+  otherwise it is the bitmap in disguise, and as costly to size.
+  """
+  if not idx.size:
+    return range(1, 2)
+  top = int((np.diff(idx, prepend=-1) - 1).max())
+  hi = min(_MAX_INDEX_BITS, max(1, (top + 1).bit_length()))
+  return range(min(2, hi), hi + 1)
+
+
+def encode_mask(candidates) -> tuple[int, dict, bytes]:
+  """Codes a bool mask given in one or more scan orders; the smallest wins.
+
+  For every scan order, the bitmap and relative indices of every useful width
+  (:func:`_index_widths`) are sized by what the entropy coder would make of
+  them (:func:`compressax.io._entropy.estimate_nbytes`, exact for raw and
+  Huffman). The two smallest estimates are then coded for real, together with
+  the choice of the raw-size rule in the first order (:func:`best_index_bits`
+  and the bitmap), and the smallest payload is kept: never larger than the raw
+  rule's.
+
+  Args:
+    candidates: the same mask flattened in different scan orders (1-D bool
+      arrays of equal size); the first is the reference order.
+
+  Returns:
+    ``(k, record, payload)`` for the chosen candidate ``k``.
+
+  References:
+    Han, Mao, Dally. Deep Compression. ICLR 2016, Sec. 3.
+    https://arxiv.org/abs/1510.00149
+  """
+  kept = [np.flatnonzero(flat) for flat in candidates]
+
+  def symbols(k, b):
+    return (candidates[k].astype(np.uint8), 1) if b == 0 else \
+        (relative_index_encode(kept[k], b), b)
+
+  # (estimated bytes, candidate, width; 0 = bitmap)
+  # A bitmap's symbol counts, hence its size, do not depend on the order.
+  options = [(estimate_nbytes(*symbols(0, 0)), 0, 0)]
+  for k, idx in enumerate(kept):
+    options += [(estimate_nbytes(*symbols(k, b)), k, b) for b in _index_widths(idx)]
+  options.sort()
+  tries = [o[1:] for o in options[:2]]
+  for must in ((0, best_index_bits(kept[0], _MAX_INDEX_BITS)[0]), (0, 0)):
+    if must not in tries:
+      tries.append(must)
+  best = None
+  for k, b in tries:
+    sym, width = symbols(k, b)
+    rec, payload = encode_symbols(sym, width)
+    if best is None or len(payload) < len(best[2]):
+      n = candidates[k].size
+      meta = dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1)) if b == 0 \
+          else dict(kind="bool", scheme="relidx", index_bits=b,
+                    raw=packed_nbytes(sym.size, b))
+      best = (k, dict(**meta, **rec), payload)
+  return best
 
 
 def decode_flat(rec: dict, payload, dtype, count: int) -> np.ndarray:

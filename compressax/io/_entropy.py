@@ -42,6 +42,7 @@ __all__ = [
     "encode_symbols",
     "decode_symbols",
     "entropy_bits",
+    "estimate_nbytes",
 ]
 
 MAX_CODE_LEN = 20
@@ -311,42 +312,78 @@ def encode_symbols(symbols, bits: int) -> tuple[dict, bytes]:
     https://arxiv.org/abs/1510.00149
   """
   symbols = np.asarray(symbols).reshape(-1)
+  plan = _plan(symbols, bits)
   n = symbols.size
-  raw_size = packed_nbytes(n, bits)
-  best = (raw_size, "raw")
-  counts = lengths = q = None
+  best = (plan["raw"], "raw")
+  if plan.get("huffman", math.inf) < best[0]:
+    best = (plan["huffman"], "huffman")
+  if plan.get("ans", math.inf) < best[0]:
+    q, precision, qbits, table = plan["_ans"]
+    words = ans_encode(symbols, q)
+    if table + 4 * words.size < best[0]:
+      record = dict(coder="ans", bits=bits, count=n, alphabet=q.size,
+                    precision=precision, table_bits=qbits, table_bytes=table)
+      return record, pack_bits(q, qbits).tobytes() + words.astype("<u4").tobytes()
+  if best[1] == "huffman":
+    lengths = plan["_lengths"]
+    stream, block_bits = huffman_encode(symbols, lengths)
+    bb_bits = max(1, int(block_bits.max()).bit_length())
+    lt = pack_bits(lengths, _LEN_BITS).tobytes()
+    bt = pack_bits(block_bits, bb_bits).tobytes()
+    record = dict(coder="huffman", bits=bits, count=n, alphabet=lengths.size,
+                  block=BLOCK, block_bits=bb_bits, sections=[len(lt), len(bt)])
+    return record, lt + bt + stream.tobytes()
+  return dict(coder="raw", bits=bits, count=n), pack_bits(symbols, bits).tobytes() \
+      if n else b""
+
+
+def _plan(symbols: np.ndarray, bits: int) -> dict:
+  """Payload sizes per coder: exact for raw and Huffman, estimated for ANS.
+
+  The ANS figure is its table plus the cross-entropy of the symbols under the
+  quantized model rounded up to 32-bit words, plus two words of coder state.
+  """
+  n = symbols.size
+  plan = {"raw": packed_nbytes(n, bits)}
   if bits <= 16 and n > 1:
     counts = _counts(symbols)
     lengths = huffman_code_lengths(counts)
     nblocks = -(-n // BLOCK)
     block_bits = _block_bits(symbols, lengths)
     bb_bits = max(1, int(block_bits.max()).bit_length())
-    huff_size = (packed_nbytes(counts.size, _LEN_BITS)
-                 + packed_nbytes(nblocks, bb_bits)
-                 + (int((counts * lengths).sum()) + 7) // 8)
-    if huff_size < best[0]:
-      best = (huff_size, "huffman")
+    plan["huffman"] = (packed_nbytes(counts.size, _LEN_BITS)
+                       + packed_nbytes(nblocks, bb_bits)
+                       + (int((counts * lengths).sum()) + 7) // 8)
+    plan["_lengths"] = lengths
     q, precision = _ans_table(counts)
     qbits = int(q.max()).bit_length()
     table = packed_nbytes(counts.size, qbits)
     present = counts > 0
     xent = -(counts[present] * np.log2(q[present] / q.sum())).sum()
-    if table + 4 * math.ceil(xent / 32 + 2) < best[0]:
-      words = ans_encode(symbols, q)
-      if table + 4 * words.size < best[0]:
-        record = dict(coder="ans", bits=bits, count=n, alphabet=counts.size,
-                      precision=precision, table_bits=qbits, table_bytes=table)
-        return record, pack_bits(q, qbits).tobytes() + words.astype("<u4").tobytes()
-  if best[1] == "huffman":
-    stream, block_bits = huffman_encode(symbols, lengths)
-    bb_bits = max(1, int(block_bits.max()).bit_length())
-    lt = pack_bits(lengths, _LEN_BITS).tobytes()
-    bt = pack_bits(block_bits, bb_bits).tobytes()
-    record = dict(coder="huffman", bits=bits, count=n, alphabet=counts.size,
-                  block=BLOCK, block_bits=bb_bits, sections=[len(lt), len(bt)])
-    return record, lt + bt + stream.tobytes()
-  return dict(coder="raw", bits=bits, count=n), pack_bits(symbols, bits).tobytes() \
-      if n else b""
+    plan["ans"] = table + 4 * math.ceil(xent / 32 + 2)
+    plan["_ans"] = (q, precision, qbits, table)
+  return plan
+
+
+def estimate_nbytes(symbols, bits: int) -> int:
+  """The payload size :func:`encode_symbols` would produce, without coding.
+
+  Exact when raw packing or Huffman wins; when ANS is expected to win, an
+  estimate from the cross-entropy (usually within a word or two of the truth).
+
+  Args:
+    symbols: 1-D non-negative integers ``< 2**bits``.
+    bits: the code width.
+
+  Returns:
+    The estimated payload bytes.
+
+  References:
+    Han, Mao, Dally. Deep Compression. ICLR 2016.
+    https://arxiv.org/abs/1510.00149
+  """
+  plan = _plan(np.asarray(symbols).reshape(-1), bits)
+  return int(min(v for k, v in plan.items() if not k.startswith("_")))
 
 
 def decode_symbols(record: dict, payload) -> np.ndarray:

@@ -3,23 +3,32 @@
 Layout (all integers little-endian)::
 
   offset 0   magic         8 bytes  b"\\x89CXAX\\r\\n\\x1a"
-         8   version       u16      FORMAT_VERSION
-        10   flags         u16      0
-        12   manifest_len  u64
-        20   manifest_crc  u32      zlib.crc32 of the manifest bytes
-        24   manifest      UTF-8 JSON, manifest_len bytes
+         8   version       u16      FORMAT_VERSION (2)
+        10   flags         u16      bit 0: FLAG_ZLIB_MANIFEST; others 0
+        12   manifest_len  u64      stored manifest bytes
+        20   manifest_crc  u32      zlib.crc32 of the stored manifest bytes
+        24   manifest      UTF-8 JSON, zlib-compressed (level 9) if bit 0
              payloads      concatenated; the file ends exactly after them
+
+Version 2 writers always set bit 0 (the JSON shrinks ~4x); readers also take
+a plain JSON manifest (bit 0 clear), and version 1 files (flags 0, plain
+manifest, no ``perm``: pre-release, read as before). The CRC covers the stored
+bytes, so a corrupted compressed manifest is caught before it is inflated, and
+inflating stops at ``max(64 MiB, 64 x stored size)`` (decompression bombs).
 
 The manifest holds ``format``, ``version``, ``payload_bytes`` and ``tree``:
 the pytree as nested records. ``{"t": "dict", "items": [[key, rec], ...]}``
-(string keys), ``"list"`` and ``"tuple"`` with ``items``, ``"none"``,
+(string or int keys), ``"list"`` and ``"tuple"`` with ``items``, ``"none"``,
 ``{"t": "array", "shape", "dtype", "enc", "p"}`` and
 ``{"t": "node", "class", "meta", "fields": [[name, rec], ...], "kept"}`` for a
 compressed node (any class registered with :func:`compressax.compressed_leaf`;
 its ``data()`` fields are records, its ``meta()`` is JSON with dtypes as
 ``{"dtype": name}`` and tuples as lists). ``enc`` is the array encoding (see
 ``_codec``) and ``p = [offset, length, crc]`` locates the payload inside the
-payload area. The payload CRC is ``zlib.crc32(payload, zlib.crc32(desc))``
+payload area. A 2-D+ bool array may carry ``"perm"``, an axis permutation: its
+data is stored flattened after ``np.transpose(x, perm)``. The writer offers
+C order, reversed axes (column-major) and, for 3-D+, each axis scanned
+fastest, and keeps the order whose coded mask is smallest. The payload CRC is ``zlib.crc32(payload, zlib.crc32(desc))``
 where ``desc`` is the canonical JSON of the leaf's typed path, enclosing node
 classes and metas, and its record (without ``p``): a manifest that lies about
 a shape, dtype, encoding, key or offset fails that check.
@@ -28,7 +37,9 @@ a shape, dtype, encoding, key or offset fails that check.
 every other array of exactly the mask's shape (recursively inside nested
 nodes, e.g. the codes of a ``CodebookArray`` inside a ``MaskedArray``) is
 stored only at the kept positions and restored with zeros elsewhere (marked
-``"sparse": true``). The node materializes to the same dense array because its
+``"sparse": true``), in the scan order (``perm``) of the node's mask record,
+so values and positions pair up however the mask was scanned. The node
+materializes to the same dense array because its
 pruned positions are masked out; with ``keep_compressed=True`` the restored
 node holds zeros there instead of the original (irrelevant) values.
 
@@ -52,17 +63,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax._node import CompressedLeaf, leaf_type
-from compressax.io._codec import decode_flat, encode_flat, kind_of
+from compressax.io._codec import decode_flat, encode_flat, encode_mask, kind_of
 
-__all__ = ["save", "load", "CorruptFileError", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["save", "load", "CorruptFileError", "FORMAT_VERSION", "MAGIC",
+           "FLAG_ZLIB_MANIFEST"]
 
 MAGIC = b"\x89CXAX\r\n\x1a"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FLAG_ZLIB_MANIFEST = 1
 _HEADER = struct.Struct("<8sHHQI")
+# A zlib manifest may inflate to at most this (or 64x its stored size, if
+# larger): a small file cannot make the reader allocate gigabytes.
+_MANIFEST_CAP = 64 << 20
 
 
 class CorruptFileError(ValueError):
   """A compressax file is truncated, corrupted, lying or of a newer version."""
+
+
+def _valid_key(k) -> bool:
+  # Ints too: an nnx.State of an nnx.List / nnx.Sequential has integer keys.
+  return isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
+
+
+def _key_part(k) -> str:
+  """A typed path element, so that keys 0 and "0" get different checksums."""
+  return ("d:" if isinstance(k, str) else "k:") + str(k)
 
 
 def _show(tpath) -> str:
@@ -113,15 +139,16 @@ class _Encoder:
   def tree(self, obj, tpath, salt: str, ctx) -> dict:
     if isinstance(obj, CompressedLeaf):
       return self.node(obj, tpath, salt, ctx)
-    if hasattr(obj, "to_pure_dict"):
-      obj = obj.to_pure_dict()  # nnx.State
+    if hasattr(obj, "to_pure_dict"):  # nnx.State
+      from flax import nnx
+      obj = nnx.to_pure_dict(obj)
     if isinstance(obj, Mapping):
       items = []
       for k, v in obj.items():
-        if not isinstance(k, str):
-          raise TypeError(f"{_show(tpath)}: dict keys must be strings to be "
-                          f"saved, got {k!r}")
-        items.append([k, self.tree(v, tpath + ("d:" + k,), salt, ctx)])
+        if not _valid_key(k):
+          raise TypeError(f"{_show(tpath)}: dict keys must be strings or ints "
+                          f"to be saved, got {k!r}")
+        items.append([k, self.tree(v, tpath + (_key_part(k),), salt, ctx)])
       return {"t": "dict", "items": items}
     if isinstance(obj, (list, tuple)):
       t = "list" if isinstance(obj, list) else "tuple"
@@ -139,15 +166,23 @@ class _Encoder:
       raise TypeError(f"{_show(tpath)}: {e}") from None
     if not arr.dtype.isnative:
       arr = arr.astype(arr.dtype.newbyteorder("="))
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    sparse = ctx is not None and arr.shape == ctx.shape
-    if sparse:
-      flat = flat[ctx.reshape(-1)]
-    enc, payload = encode_flat(flat)
+    sparse = ctx is not None and arr.shape == ctx[0].shape
+    if sparse:  # the context's scan order, at its kept positions only
+      perm = ctx[1]
+      enc, payload = encode_flat(_scan(arr, perm)[ctx[2]])
+    elif arr.dtype == bool and arr.ndim >= 2:
+      perms = _scan_orders(arr.ndim)
+      k, enc, payload = encode_mask([_scan(arr, p) for p in perms])
+      perm = perms[k]
+    else:
+      perm = tuple(range(arr.ndim))
+      enc, payload = encode_flat(_scan(arr, perm))
     rec = {"t": "array", "shape": list(arr.shape), "dtype": arr.dtype.name,
            "enc": enc}
     if sparse:
       rec["sparse"] = True
+    if perm != tuple(range(arr.ndim)):
+      rec["perm"] = list(perm)
     rec["p"] = [self.offset, len(payload), _crc(payload, _desc(tpath, salt, rec))]
     self.chunks.append(payload)
     self.offset += len(payload)
@@ -171,10 +206,12 @@ class _Encoder:
         and np.asarray(mask).dtype == bool:
       rec["fields"].append(["mask", self.tree(mask, tpath + ("n:mask",), salt, ctx)])
       m = np.asarray(mask)
-      restored = m & ctx if ctx is not None and ctx.shape == m.shape else m
+      restored = m & ctx[0] if ctx is not None and ctx[0].shape == m.shape else m
       if m.ndim >= 1:
         rec["kept"] = int(restored.sum())
-        ctx = restored
+        # The node's arrays follow the scan order its mask was stored in.
+        perm = tuple(rec["fields"][-1][1].get("perm", range(m.ndim)))
+        ctx = (restored, perm, _scan(restored, perm))
       else:  # a 0-d mask broadcasts: all or nothing kept
         rec["kept"] = node.size if bool(m) else 0
     for k, v in data.items():
@@ -189,8 +226,9 @@ def _encode(tree) -> list[bytes]:
   root = enc.tree(tree, (), "", None)
   manifest = {"format": "compressax", "version": FORMAT_VERSION,
               "payload_bytes": enc.offset, "tree": root}
-  mbytes = json.dumps(manifest, separators=(",", ":")).encode()
-  header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(mbytes), zlib.crc32(mbytes))
+  mbytes = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+  header = _HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_ZLIB_MANIFEST, len(mbytes),
+                        zlib.crc32(mbytes))
   return [header, mbytes] + enc.chunks
 
 
@@ -199,8 +237,9 @@ def save(path, tree) -> int:
 
   Dense float arrays are stored raw (little-endian), integer arrays as codes
   at their minimal bit width through the best of bit packing / Huffman / ANS,
-  bool arrays as relative indices or a bitmap, and compressed nodes field by
-  field (see the module docstring). The file is written to ``path + ".tmp"``
+  bool arrays as relative indices or a bitmap (index width and scan order
+  chosen by entropy-coded size), and compressed nodes field by field, under a
+  zlib-compressed JSON manifest (see the module docstring). The file is written to ``path + ".tmp"``
   and renamed, so a crash never leaves a half-written ``path``.
 
   Args:
@@ -242,13 +281,15 @@ def parse(data: bytes, name: str) -> tuple[dict, memoryview]:
   if version > FORMAT_VERSION:
     raise CorruptFileError(f"{name}: format version {version} is newer than "
                            f"this compressax reads ({FORMAT_VERSION}); upgrade")
-  if version < 1 or flags:
+  if version < 1 or flags & ~FLAG_ZLIB_MANIFEST or (version == 1 and flags):
     raise CorruptFileError(f"{name}: bad header (version {version}, flags {flags})")
   if _HEADER.size + mlen > len(data):
     raise CorruptFileError(f"{name}: truncated inside the manifest")
   mbytes = bytes(data[_HEADER.size:_HEADER.size + mlen])
   if zlib.crc32(mbytes) != mcrc:
     raise CorruptFileError(f"{name}: manifest checksum mismatch")
+  if flags & FLAG_ZLIB_MANIFEST:
+    mbytes = _inflate(mbytes, max(_MANIFEST_CAP, 64 * mlen), name)
   try:
     manifest = json.loads(mbytes)
     total = manifest["payload_bytes"]
@@ -263,6 +304,47 @@ def parse(data: bytes, name: str) -> tuple[dict, memoryview]:
     raise CorruptFileError(f"{name}: file has {len(data)} bytes, the manifest "
                            f"says {start + total} (truncated or padded)")
   return manifest, memoryview(data)[start:]
+
+
+def _inflate(zbytes: bytes, cap: int, name: str) -> bytes:
+  """zlib-decompresses a manifest, refusing more than ``cap`` bytes."""
+  try:
+    d = zlib.decompressobj()
+    out = d.decompress(zbytes, cap)
+    if d.unconsumed_tail:
+      raise CorruptFileError(f"{name}: manifest inflates to more than {cap} "
+                             "bytes (a decompression bomb?)")
+    if not d.eof or d.unused_data:
+      raise CorruptFileError(f"{name}: compressed manifest is truncated or "
+                             "followed by junk")
+  except zlib.error as e:
+    raise CorruptFileError(f"{name}: compressed manifest does not inflate "
+                           f"({e})") from None
+  return out
+
+
+def _scan_orders(ndim: int) -> list[tuple]:
+  """Scan orders offered for a mask: C, reversed axes, each axis fastest."""
+  axes = tuple(range(ndim))
+  out = [axes, axes[::-1]]
+  for a in axes:  # e.g. a conv kernel's input-channel axis, scanned fastest
+    p = tuple(x for x in axes if x != a) + (a,)
+    if p not in out:
+      out.append(p)
+  return out
+
+
+def _scan(arr: np.ndarray, perm) -> np.ndarray:
+  """``arr`` flattened in the scan order ``perm`` (an axis permutation)."""
+  return np.ascontiguousarray(np.transpose(arr, perm)).reshape(-1)
+
+
+def _perm(rec, ndim: int) -> tuple:
+  perm = tuple(rec.get("perm", range(ndim)))
+  if sorted(perm) != list(range(ndim)) or \
+      not all(type(p) is int for p in perm):  # noqa: E721  JSON ints only
+    raise ValueError(f"bad scan order {rec.get('perm')!r}")
+  return perm
 
 
 class _Decoder:
@@ -280,9 +362,9 @@ class _Decoder:
       if t == "dict":
         out = {}
         for k, r in rec["items"]:
-          if not isinstance(k, str) or k in out:
+          if not _valid_key(k) or k in out:
             self.fail(tpath, f"bad dict key {k!r}")
-          out[k] = self.tree(r, tpath + ("d:" + k,), salt, ctx, in_node)
+          out[k] = self.tree(r, tpath + (_key_part(k),), salt, ctx, in_node)
         return out
       if t in ("list", "tuple"):
         out = [self.tree(r, tpath + (f"{t[0]}:{i}",), salt, ctx, in_node)
@@ -316,15 +398,20 @@ class _Decoder:
     if _crc(payload, _desc(tpath, salt, rec)) != crc:
       self.fail(tpath, "payload checksum mismatch (corrupted data or manifest)")
     n = int(np.prod(shape, dtype=np.int64))
+    perm = _perm(rec, len(shape))
     if rec.get("sparse"):
       if ctx is None or ctx.shape != shape:
         self.fail(tpath, "sparse array without a matching mask")
-      flat = decode_flat(rec["enc"], payload, dtype, int(ctx.sum()))
+      sel = _scan(ctx, perm)
+      flat = decode_flat(rec["enc"], payload, dtype, int(sel.sum()))
       out = np.zeros(n, dtype)
-      out[ctx.reshape(-1)] = flat
+      out[sel] = flat
     else:
       out = decode_flat(rec["enc"], payload, dtype, n)
-    return out.reshape(shape)
+    # Undo the scan order: the flat data is the array transposed by `perm`.
+    out = out.reshape(tuple(shape[p] for p in perm))
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return np.transpose(out, inverse).copy(order="C")
 
   def node(self, rec, tpath, salt, ctx):
     cls = leaf_type(rec["class"])
