@@ -103,6 +103,7 @@ def leaf_type(name: str) -> type:
 
 
 def is_compressed(x) -> bool:
+  """True if ``x`` is a compressed leaf node (a :class:`CompressedLeaf`)."""
   return isinstance(x, CompressedLeaf)
 
 

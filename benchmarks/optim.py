@@ -1,0 +1,180 @@
+"""Step-time overhead of the cx.optim transforms, and AdaComp's compression.
+
+LeNet-300-100, batch 128, CPU. Every ratio is against the plain optimizer
+step (SGD, momentum 0.9) timed in the same run, interleaved, best of several
+repeats:
+
+* gradual magnitude pruning step (mask updates every 100 steps included),
+* weight-sharing step,
+* DiffQ step (noisy forward, size penalty, partitioned Adam on the logits),
+* AdaComp data-parallel step on 8 host devices vs the dense data-parallel
+  step on the same 8 devices,
+
+then AdaComp's measured FC compression rate and test accuracy against dense
+data-parallel training for the same number of steps.
+
+  python benchmarks/optim.py --quick        # digits, few steps
+  python benchmarks/optim.py --dataset /work/shared/data/mnist.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "--xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import compressax as cx  # noqa: E402
+from experiments import distributed_adacomp as dist  # noqa: E402
+
+
+def _timeit(fns: dict, n_steps: int, repeats: int) -> dict:
+  """Best-of-``repeats`` seconds per step of each ``fn()`` (interleaved)."""
+  best = {k: float("inf") for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      out = fn()  # one untimed call: keeps caches warm after the others ran
+      jax.block_until_ready(out)
+      t0 = time.perf_counter()
+      for _ in range(n_steps):
+        out = fn()
+      jax.block_until_ready(out)
+      best[name] = min(best[name], (time.perf_counter() - t0) / n_steps)
+  return best
+
+
+def _single_device_steps(x, y, sizes):
+  """Closures running one training step of each single-device variant."""
+  params = dist.init_mlp(jax.random.key(0), sizes)
+  loss = dist.loss_fn
+  sgd = optax.sgd(0.05, momentum=0.9)
+  variants = {
+      "plain": sgd,
+      "prune_magnitude": cx.optim.prune_magnitude(
+          sgd, final_sparsity=0.9, begin_step=0, end_step=10_000,
+          frequency=100),
+      "weight_sharing": cx.optim.weight_sharing(sgd, bits=5),
+  }
+  fns = {}
+  for name, tx in variants.items():
+    def make(tx=tx):
+      @jax.jit
+      def step(p, s):
+        u, s = tx.update(jax.grad(loss)(p, x, y), s, p)
+        return optax.apply_updates(p, u), s
+      box = [params, tx.init(params)]
+      def run():
+        box[0], box[1] = step(*box)
+        return box[0]
+      return run
+    fns[name] = make()
+
+  train = cx.optim.diffq_init(params, group_size=16)
+  dq_tx = cx.optim.diffq_optimizer(sgd)
+  dq_loss = cx.optim.diffq_loss(loss, penalty=1e-2, group_size=16)
+
+  @jax.jit
+  def dq_step(t, s, key):
+    key, sub = jax.random.split(key)
+    u, s = dq_tx.update(jax.grad(dq_loss)(t, sub, x, y), s, t)
+    return optax.apply_updates(t, u), s, key
+
+  box = [train, dq_tx.init(train), jax.random.key(1)]
+  def dq_run():
+    box[0], box[1], box[2] = dq_step(*box)
+    return box[0]
+  fns["diffq"] = dq_run
+  return fns
+
+
+def _data_parallel_steps(x, y, sizes, n_dev, bin_size_fc):
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), (dist.AXIS,))
+  opt = optax.sgd(0.05, momentum=0.9)
+  fns = {}
+  for name, comp in (("dp_dense", None),
+                     ("dp_adacomp", cx.optim.adacomp(bin_size_fc=bin_size_fc,
+                                                     axis_name=dist.AXIS))):
+    def make(comp=comp):
+      step = dist.make_step(mesh, opt, comp)
+      box = list(dist.init_states(mesh, dist.init_mlp(jax.random.key(0),
+                                                      sizes), opt, comp))
+      def run():
+        box[0], box[1], box[2], loss, _ = step(*box, x, y)
+        # Synchronous steps (see dist.train): both variants pay the same.
+        return jax.block_until_ready(loss)
+      return run
+    fns[name] = make()
+  return fns
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dataset", default="/work/shared/data/mnist.npz",
+                  help="'digits' or the path of a Keras-layout mnist.npz")
+  ap.add_argument("--quick", action="store_true",
+                  help="sklearn digits, few steps")
+  ap.add_argument("--steps", type=int, default=None,
+                  help="training steps of the accuracy comparison")
+  ap.add_argument("--bin-size-fc", type=int, default=500)
+  args = ap.parse_args()
+  dataset = "digits" if args.quick else args.dataset
+  n_time, repeats = (10, 3) if args.quick else (30, 5)
+  train_steps = args.steps or (150 if args.quick else 2000)
+  bin_size = 50 if args.quick and args.bin_size_fc == 500 else args.bin_size_fc
+
+  (xtr, ytr), _ = dist.load(dataset)
+  # Timing always uses LeNet-300-100 on 784-wide inputs (digits are padded).
+  x = np.zeros((128, 784), np.float32)
+  x[:, :xtr.shape[1]] = xtr[:128]
+  y = ytr[:128]
+  sizes = (784, 300, 100, 10)
+  n_dev = len(jax.devices())
+  print(f"jax {jax.__version__}, {n_dev} {jax.devices()[0].platform} devices, "
+        f"dataset {dataset}, LeNet-300-100, batch 128")
+  print(f"\naccuracy after {train_steps} steps (batch 128, {n_dev} devices, "
+        f"L_T = {bin_size} for FC):")
+  for compress in (False, True):
+    res = dist.train(dataset, steps=train_steps, batch=128, compress=compress,
+                     bin_size_fc=bin_size)
+    line = f"  {'adacomp' if compress else 'dense':8s} test acc " \
+           f"{res['accuracy']:.4f}"
+    if compress:
+      line += (f"  FC compression {res['fc_ratio']:.1f}x  (sent "
+               f"{100 * res['sent_fraction']:.2f}% of elements; paper ~200x)")
+    print(line)
+
+
+  t = _timeit(_single_device_steps(x, y, sizes), n_time, repeats)
+  base = t["plain"]
+  print(f"\nplain SGD step: {base * 1e3:.2f} ms")
+  targets = {"prune_magnitude": 1.10, "weight_sharing": 1.30, "diffq": 1.50}
+  for name, target in targets.items():
+    r = t[name] / base
+    print(f"  {name:16s} {t[name] * 1e3:7.2f} ms  {r:5.2f}x  (target <= "
+          f"{target:.2f}x: {'ok' if r <= target else 'MISSED'})")
+
+  t = _timeit(_data_parallel_steps(x, y, sizes, n_dev, bin_size), n_time,
+              repeats)
+  r = t["dp_adacomp"] / t["dp_dense"]
+  print(f"\ndense data-parallel step ({n_dev} devices): "
+        f"{t['dp_dense'] * 1e3:.2f} ms")
+  print(f"  adacomp          {t['dp_adacomp'] * 1e3:7.2f} ms  {r:5.2f}x  "
+        f"(target <= 1.50x: {'ok' if r <= 1.5 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,281 @@
+"""Trained quantization by weight sharing (Deep Compression, stage 2).
+
+Each selected leaf is clustered once (1-D k-means, linear initialization) into
+``K`` shared values; from then on the cluster assignment (the codes) is fixed
+and only the centroids train. The gradient of a centroid is the sum of the
+gradients of the weights that share it (a segment sum over the codes), and the
+centroids go through any inner Optax optimizer. The updates move every weight
+onto its new centroid.
+
+Exactness: a centroid's step is taken as ``d = fl(c_new - c_old)`` and the
+stored centroid is ``fl(c_old + d)``, the value that ``optax.apply_updates``
+produces for a weight sitting exactly on ``c_old``. So once the params are on
+the codebook they stay exactly on it: after each update a leaf takes exactly
+``K`` (or fewer) distinct values, equal to ``centroids[codes]`` bit for bit.
+On the first update the raw weights are snapped with ``c_new[codes] - p``,
+which lands on the codebook up to one rounding; :func:`shared_params` (or
+:func:`snap_to_codebook` before training) gives the exact values at any time.
+
+Pruned layers: with ``mask=`` (a bool tree as from ``cx.prune.magnitude_mask``)
+only the kept weights are clustered, as in the paper (pruning comes first).
+Pruned positions get code 0 but belong to no cluster: they add nothing to the
+centroid gradients, their update is ``-p``, so they are exactly zero after
+every step, and :func:`shared_params` writes zero there.
+
+References:
+  Han, Mao, Dally, *Deep Compression: Compressing Deep Neural Networks with
+  Pruning, Trained Quantization and Huffman Coding*, ICLR 2016.
+  https://arxiv.org/abs/1510.00149
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compressax import _checks
+from compressax import _select
+from compressax import quantize as _quantize
+from compressax.optim import _base
+
+__all__ = ["WeightSharingState", "shared_params", "snap_to_codebook",
+           "weight_sharing"]
+
+Clusters = Union[int, Callable[[str, Any], int]]
+
+
+class WeightSharingState(NamedTuple):
+  """State of :func:`weight_sharing`.
+
+  Attributes:
+    codes: per selected leaf, int32 cluster index of every weight (the leaf's
+      shape); 0-d ``-1`` on leaves trained normally.
+    centroids: per selected leaf, the ``K`` shared values (float, the leaf's
+      dtype); 0-d zero on leaves trained normally.
+    inner_state: the inner optimizer's state over the centroids (selected
+      leaves) and the params (other leaves).
+    mask: ``None`` without a mask; otherwise per leaf the bool array of kept
+      weights (selected, pruned leaves) or a 0-d ``True``.
+  """
+  codes: Any
+  centroids: Any
+  inner_state: Any
+  mask: Any = None
+
+
+def _clusters_for(spec, bits, keypath, leaf, n_kept=None) -> int:
+  path = _select.path_str(keypath)
+  if bits is not None:
+    b = bits(path, leaf) if callable(bits) else bits
+    _checks.check_bits(keypath, b, 1, 16)
+    k = 2 ** int(b)
+  else:
+    k = spec(path, leaf) if callable(spec) else spec
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+      _checks.fail(keypath, f"n_clusters must be a positive int, got {k!r}")
+  n = leaf.size if n_kept is None else n_kept
+  if k > n:
+    what = "weights" if n_kept is None else "kept (unpruned) weights"
+    _checks.fail(keypath, f"n_clusters ({k}) exceeds the leaf's {n} {what}")
+  return k
+
+
+def _leaf_mask(kp, x, m):
+  """A concrete bool mask of ``x``'s shape, or ``None`` when all is kept."""
+  try:
+    m = np.asarray(m)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    _checks.fail(kp, "weight_sharing's mask must be concrete at init "
+                     "(not traced): k-means runs on the kept weights only")
+  if m.dtype != np.bool_:
+    _checks.fail(kp, f"mask must be bool, got {m.dtype}")
+  if m.ndim == 0:
+    return None if bool(m) else np.zeros(x.shape, bool)
+  if m.shape != x.shape:
+    _checks.fail(kp, f"mask shape {m.shape} does not match the leaf's "
+                     f"{x.shape}")
+  return None if m.all() else m
+
+
+def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
+                   n_clusters: Clusters | None = None,
+                   bits: Clusters | None = None, kmeans_iters: int = 30,
+                   where: _select.Where = None, mask: Any = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Train shared weights: fixed codes, centroids updated by segment sums.
+
+  Args:
+    inner: the optimizer applied to the centroids (and, unchanged, to the
+      leaves not selected), or a learning rate for plain SGD, as in the paper.
+    n_clusters: ``K`` per leaf: an int, or ``(path, leaf) -> int``.
+    bits: alternatively ``log2 K``: an int in ``[1, 16]`` or
+      ``(path, leaf) -> int`` (Deep Compression uses 8 for conv, 5 for FC).
+    kmeans_iters: Lloyd iterations of the initial clustering.
+    where: which leaves share weights (default: weight matrices, kernels).
+    mask: the pruning mask: a bool tree with the params' structure
+      (``True`` = kept; 0-d ``True`` keeps a whole leaf), as returned by
+      ``cx.prune.magnitude_mask``, or ``params -> mask tree`` called at
+      ``init``, or ``None`` (nothing pruned). It must be concrete at
+      ``init``. Only kept weights are clustered and trained; pruned ones get
+      code 0, join no cluster and are held at exactly zero.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``init(params)`` clusters
+    the params (``cx.quantize.kmeans``, linear init).
+
+  Raises:
+    ValueError: if neither or both of ``n_clusters`` and ``bits`` are given,
+      ``bits`` is out of range, ``K`` exceeds a leaf's (kept) size, or the
+      mask does not fit the params (naming the leaf).
+    TypeError: if ``inner`` is neither an Optax transform nor a number.
+
+  Example:
+    >>> tx = cx.optim.weight_sharing(1e-3, bits=5)
+    >>> keep = cx.prune.magnitude_mask(params, 0.9)
+    >>> tx = cx.optim.prune_fixed(cx.optim.weight_sharing(
+    ...     1e-3, bits=5, mask=keep), keep)
+
+  References:
+    Han, Mao, Dally, ICLR 2016, section 3. https://arxiv.org/abs/1510.00149
+  """
+  name = "weight_sharing"
+  if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+    inner = optax.sgd(float(inner))
+  inner = optax.with_extra_args_support(_base.check_inner(inner, name))
+  if (n_clusters is None) == (bits is None):
+    raise ValueError(f"{name}: give exactly one of n_clusters and bits")
+  if bits is not None and not callable(bits):
+    _checks.check_bits(name, bits, 1, 16)
+
+  def init(params):
+    sel = _select.select(params, where)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    treedef = jax.tree_util.tree_structure(params)
+    flags = treedef.flatten_up_to(sel)
+    given = mask(params) if callable(mask) else mask
+    if given is None:
+      masks = [None] * len(leaves)
+    else:
+      _checks.check_same_structure(name, params, given)
+      masks = treedef.flatten_up_to(given)
+
+    def cluster(kp, x, s, m):
+      if not s:
+        return jnp.full((), -1, jnp.int32), jnp.zeros((), x.dtype), None
+      _checks.check_floating(kp, x)
+      m = None if m is None else _leaf_mask(kp, x, m)
+      if m is None:
+        _checks.check_finite(kp, x)
+        k = _clusters_for(n_clusters, bits, kp, x)
+        c, codes = _quantize.kmeans(x, k, init="linear", iters=kmeans_iters)
+        return (jnp.asarray(codes, jnp.int32).reshape(x.shape),
+                jnp.asarray(c, x.dtype).reshape(k), None)
+      # Cluster exactly the kept values (a one-time gather with a concrete
+      # index), then scatter their codes back; pruned positions get code 0.
+      idx = np.flatnonzero(m)
+      kept = jnp.asarray(x).reshape(-1)[idx]
+      _checks.check_finite(kp, kept)
+      k = _clusters_for(n_clusters, bits, kp, x, n_kept=idx.size)
+      c, codes = _quantize.kmeans(kept, k, init="linear", iters=kmeans_iters)
+      full = jnp.zeros((x.size,), jnp.int32).at[idx].set(
+          jnp.asarray(codes, jnp.int32).reshape(-1))
+      return (full.reshape(x.shape), jnp.asarray(c, x.dtype).reshape(k),
+              jnp.asarray(m))
+
+    triples = [cluster(kp, x, s, m)
+               for (kp, x), s, m in zip(leaves, flags, masks)]
+    codes = treedef.unflatten([c for c, _, _ in triples])
+    cents = treedef.unflatten([c for _, c, _ in triples])
+    kept = None
+    if given is not None:
+      kept = treedef.unflatten([jnp.asarray(True) if m is None else m
+                                for _, _, m in triples])
+    shadow = _shadow(params, cents, sel)
+    return WeightSharingState(codes, cents, inner.init(shadow), kept)
+
+  def update(updates, state, params=None, **extra_args):
+    _base.require_params(params, name)
+    sel = _select.select(params, where)
+    tm = jax.tree_util.tree_map
+
+    masks = (tm(lambda _: jnp.asarray(True), state.codes)
+             if state.mask is None else state.mask)
+
+    def cgrad(g, codes, c, s, m):
+      if not s:
+        return g
+      if m.ndim:
+        g = jnp.where(m, g, jnp.zeros_like(g))
+      return jax.ops.segment_sum(g.reshape(-1), codes.reshape(-1),
+                                 num_segments=c.shape[0]).astype(c.dtype)
+
+    cgrads = tm(cgrad, updates, state.codes, state.centroids, sel, masks)
+    shadow = _shadow(params, state.centroids, sel)
+    u, inner_state = inner.update(cgrads, state.inner_state, shadow,
+                                  **extra_args)
+
+    def step(p, codes, c, du, s, m):
+      if not s:
+        return du, c
+      d = (c + du.astype(c.dtype)) - c
+      new_c = c + d
+      # One row gather; `old_c + step_c` is the very float op that made
+      # `new_c`, so it equals `new_c[codes]` without a third column.
+      rows = jnp.take(jnp.stack([c, d], axis=1), codes, axis=0, mode="clip")
+      old_c, step_c = rows[..., 0], rows[..., 1]
+      out = jnp.where(p == old_c, step_c, (old_c + step_c) - p)
+      if m.ndim:
+        # `p + (-p)` is exactly zero: pruned weights land on, and stay at, 0.
+        out = jnp.where(m, out, -p)
+      return out.astype(p.dtype), new_c
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    args = [treedef.flatten_up_to(t)
+            for t in (state.codes, state.centroids, u, sel, masks)]
+    pairs = [step(p, *rest) for p, *rest in zip(leaves, *args)]
+    outs = treedef.unflatten([o for o, _ in pairs])
+    cents = treedef.unflatten([c for _, c in pairs])
+    return outs, WeightSharingState(state.codes, cents, inner_state,
+                                    state.mask)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _shadow(params, centroids, sel):
+  """The tree the inner optimizer sees: centroids, or the params themselves."""
+  return jax.tree_util.tree_map(lambda p, c, s: c if s else p,
+                                params, centroids, sel)
+
+
+def shared_params(params, state: WeightSharingState, where: _select.Where = None):
+  """The params with every shared leaf replaced by ``centroids[codes]``.
+
+  Args:
+    params: the params the state was built for.
+    state: a :class:`WeightSharingState` (the first element of a chain's
+      state if chained).
+    where: the selection used to build the transform.
+
+  Returns:
+    A params tree whose shared leaves equal the codebook exactly (and zero
+    at pruned positions when the state has a mask).
+  """
+  if state.mask is None:
+    return _select.map_selected(
+        lambda kp, p, codes, c: c[codes].astype(p.dtype), params, state.codes,
+        state.centroids, where=where)
+
+  def get(kp, p, codes, c, m):
+    v = c[codes].astype(p.dtype)
+    return jnp.where(m, v, jnp.zeros_like(v)) if m.ndim else v
+
+  return _select.map_selected(get, params, state.codes, state.centroids,
+                              state.mask, where=where)
+
+
+snap_to_codebook = shared_params
