@@ -1,0 +1,275 @@
+"""Deep Compression (Han, Mao, Dally 2016) on LeNet-300-100 and LeNet-5.
+
+The three-stage pipeline, every stage through compressax's public API:
+
+1. **Baseline**: train the dense model (SGD, Nesterov momentum 0.9).
+2. **Pruning**: per-layer magnitude masks (``cx.prune.magnitude_mask`` with
+   ``cx.prune.sparsity_from_patterns``) at the paper's kept fractions, reached
+   in ``--prune-iters`` rounds of prune-then-retrain; each retraining runs
+   under the fixed mask (``cx.optim.prune_fixed``), so pruned weights stay
+   exactly zero.
+3. **Trained quantization**: per-layer 1-D k-means with linear init, then
+   centroid fine-tuning (``cx.optim.weight_sharing``, each centroid's
+   gradient the sum over its cluster) inside ``cx.optim.prune_fixed``.
+4. **Entropy coding**: the pruned, shared layers become
+   ``MaskedArray(CodebookArray)`` nodes and ``cx.io.save`` writes them with
+   relative-index position coding and Huffman/ANS coding of codes and gaps.
+
+The reported ``test_error`` is measured on the weights decoded from the
+written file (see :mod:`experiments.train`).
+
+Run ``python -m experiments.deep_compression`` (LeNet-300-100 on the bundled
+digits, about a minute) or, for the paper's MNIST numbers::
+
+  python -m experiments.deep_compression --model lenet300 \\
+      --dataset npz:../shared/data/mnist.npz --epochs 20 --prune-epochs 30 \\
+      --share-epochs 10
+
+Paper (MNIST): LeNet-300-100 1.64% -> 1.58% error at 40x (1070 KB -> 27 KB);
+LeNet-5 0.80% -> 0.74% at 39x (1720 KB -> 44 KB).
+
+References:
+  Han, Mao, Dally, *Deep Compression: Compressing Deep Neural Networks with
+  Pruning, Trained Quantization and Huffman Coding*, ICLR 2016.
+  https://arxiv.org/abs/1510.00149
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+
+import compressax as cx
+from experiments import train as train_lib
+
+MODULE = "experiments.deep_compression"
+
+# Kept fraction per layer (Han et al. 2016, Tables 2 and 3).
+KEEP = {
+    "lenet300": {"ip1": 0.08, "ip2": 0.09, "ip3": 0.26},
+    "lenet5": {"conv1": 0.66, "conv2": 0.12, "ip1": 0.08, "ip2": 0.19},
+    "teacher_mlp": {"ip1": 0.08, "ip2": 0.09, "ip3": 0.26},
+}
+# Bits per shared weight: 6 for LeNet-300-100, 8 conv / 5 FC for LeNet-5.
+BITS = {
+    "lenet300": {"ip": 6},
+    "lenet5": {"conv": 8, "ip": 5},
+    "teacher_mlp": {"ip": 6},
+}
+
+
+def _parse_layer_map(text: str, cast, flag: str) -> dict:
+  """``"ip1=0.08,ip2=0.09"`` -> ``{"ip1": 0.08, "ip2": 0.09}``."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise argparse.ArgumentTypeError(
+          f"{flag}: expected LAYER=VALUE[,LAYER=VALUE...], got {item!r}")
+    try:
+      out[name.strip()] = cast(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{flag}: bad value {value!r} for layer {name!r}") from None
+  return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  train_lib.add_common_args(p, model="lenet300", dataset="digits", epochs=15,
+                            batch_size=64, lr=0.05)
+  p.add_argument("--keep", default=None,
+                 help="kept fraction per layer, e.g. 'ip1=0.08,ip2=0.09,ip3=0.26' "
+                      "(layer names are path regexes; default: the paper's)")
+  p.add_argument("--bits", default=None,
+                 help="bits per shared weight by layer regex, e.g. 'conv=8,ip=5' "
+                      "(default: the paper's)")
+  p.add_argument("--prune-iters", type=int, default=3,
+                 help="prune-retrain rounds to reach the kept fractions")
+  p.add_argument("--prune-epochs", type=int, default=15,
+                 help="retraining epochs in total over the pruning rounds")
+  p.add_argument("--prune-lr", type=float, default=0.01)
+  p.add_argument("--share-epochs", type=int, default=5,
+                 help="centroid fine-tuning epochs")
+  p.add_argument("--share-lr", type=float, default=3e-4,
+                 help="centroid learning rate (gradients are cluster sums)")
+  p.add_argument("--weight-decay", type=float, default=5e-4,
+                 help="L2 weight decay of the baseline and pruning stages")
+  p.add_argument("--constant-lr", action="store_true",
+                 help="no cosine decay of the learning rate within a stage")
+  p.add_argument("--no-plot", action="store_true")
+  args = p.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+  args.keep = (_parse_layer_map(args.keep, float, "--keep") if args.keep
+               else KEEP[args.model])
+  args.bits = (_parse_layer_map(args.bits, int, "--bits") if args.bits
+               else BITS[args.model])
+  for name, k in args.keep.items():
+    if not 0.0 < k <= 1.0:
+      p.error(f"--keep: kept fraction of {name!r} must be in (0, 1], got {k}")
+  if args.prune_iters < 1:
+    p.error("--prune-iters must be >= 1")
+  if args.out is None:
+    args.out = train_lib.default_out("deep_compression", args)
+  return args
+
+
+def _sgd(args, ds, lr, epochs, weight_decay=0.0):
+  """SGD (Nesterov 0.9), cosine-decayed over the stage's ``epochs``."""
+  steps = epochs * train_lib.steps_per_epoch(ds, args.batch_size)
+  return train_lib.sgd(lr, weight_decay=weight_decay,
+                       decay_steps=None if args.constant_lr else steps)
+
+
+def _bits_for(bits: dict):
+  """``(path, leaf) -> bits`` from the first matching layer regex."""
+  compiled = [(re.compile(k), v) for k, v in bits.items()]
+
+  def fn(path, leaf):
+    for rx, b in compiled:
+      if rx.search(path):
+        return b
+    raise ValueError(f"{path}: no --bits entry matches this layer "
+                     f"(have {list(bits)})")
+  return fn
+
+
+def _log(args, msg):
+  if not args.quiet:
+    print(msg, flush=True)
+
+
+def prune_and_retrain(model, params, ds, args, curves):
+  """Stage 1: reach the per-layer kept fractions in ``--prune-iters`` rounds.
+
+  Round ``i`` keeps ``keep ** (i / n)`` of each layer (a geometric path to the
+  target), so the last round lands exactly on the paper's fractions.
+  """
+  epochs = [args.prune_epochs // args.prune_iters
+            + (i < args.prune_epochs % args.prune_iters)
+            for i in range(args.prune_iters)]
+  mask = None
+  for i in range(args.prune_iters):
+    frac = (i + 1) / args.prune_iters
+    patterns = {k: 1.0 - v ** frac for k, v in args.keep.items()}
+    sparsity = cx.prune.sparsity_from_patterns(params, patterns)
+    mask = cx.prune.magnitude_mask(params, sparsity, scope="layer")
+    params = cx.prune.apply_mask(params, mask)
+    err = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
+    _log(args, f"  prune round {i + 1}/{args.prune_iters}: kept "
+               f"{_kept(mask):.4f} of weights, error before retraining {err:.4f}")
+    params, _, hist = train_lib.fit(
+        model, params,
+        cx.optim.prune_fixed(
+            _sgd(args, ds, args.prune_lr, epochs[i], args.weight_decay), mask), ds,
+        epochs=epochs[i], batch_size=args.batch_size, seed=args.seed + 1 + i,
+        quiet=args.quiet, desc=f"prune {i + 1}/{args.prune_iters}")
+    curves[f"prune {i + 1}"] = hist["test_error"]
+  return params, mask
+
+
+def _kept(mask) -> float:
+  stats = cx.prune.sparsity_stats(mask)["global"]
+  return stats["kept"] / max(1, stats["size"])
+
+
+def share_and_finetune(model, params, mask, ds, args, curves):
+  """Stage 2: k-means weight sharing, then centroid training under the mask.
+
+  Returns the compressed tree: ``MaskedArray(CodebookArray)`` at every shared
+  layer, biases dense.
+  """
+  bits_fn = _bits_for(args.bits)
+  tx = cx.optim.prune_fixed(
+      cx.optim.weight_sharing(_sgd(args, ds, args.share_lr, args.share_epochs),
+                              bits=bits_fn), mask)
+  state = tx.init(params)
+  ws = state.inner_state
+  snapped = cx.prune.apply_mask(cx.optim.shared_params(params, ws), mask)
+  err = train_lib.evaluate(model, snapped, ds.x_test, ds.y_test)
+  _log(args, f"  weight sharing: error after k-means {err:.4f}")
+  params, state, hist = train_lib.fit(
+      model, params, tx, ds, epochs=args.share_epochs, batch_size=args.batch_size,
+      seed=args.seed + 100, quiet=args.quiet, desc="share", opt_state=state)
+  curves["share"] = hist["test_error"]
+  ws = state.inner_state
+
+  def node(keypath, x, codes, centroids):
+    return cx.quantize.CodebookArray(codes=codes, centroids=centroids,
+                                     shape=tuple(x.shape), dtype=np.dtype(x.dtype))
+  shared = cx.map_selected(node, params, ws.codes, ws.centroids)
+  return cx.prune.mask_to_nodes(shared, mask), err
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  start = time.time()
+  model, ds, params = train_lib.setup(args)
+  curves = {}
+  _log(args, f"Deep Compression: {args.model} on {args.dataset} "
+             f"({len(ds.x_train)} train / {len(ds.x_test)} test images)")
+
+  params, _, hist = train_lib.fit(
+      model, params, _sgd(args, ds, args.lr, args.epochs, args.weight_decay),
+      ds, epochs=args.epochs,
+      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, desc="baseline")
+  curves["baseline"] = hist["test_error"]
+  baseline_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
+  _log(args, f"  baseline: test error {baseline_error:.4f}")
+
+  params, mask = prune_and_retrain(model, params, ds, args, curves)
+  pruned_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
+  _log(args, f"  pruned + retrained: test error {pruned_error:.4f}")
+
+  tree, kmeans_error = share_and_finetune(model, params, mask, ds, args, curves)
+
+  os.makedirs(args.out, exist_ok=True)
+  plot = None
+  if not args.no_plot:
+    plot = os.path.join(args.out, "test_error.png")
+    train_lib.plot_curves(plot, curves, title=f"Deep Compression: {args.model}")
+  stats = cx.prune.sparsity_stats(tree)
+  results = train_lib.write_results(
+      args.out, tree, model=model, ds=ds, args=args,
+      baseline_test_error=baseline_error, start_time=start, module=MODULE,
+      extra={
+          "experiment": "deep_compression",
+          "pruned_test_error": pruned_error,
+          "kmeans_test_error": kmeans_error,
+          "keep": args.keep, "bits": args.bits,
+          "kept_fraction": stats["global"]["kept"] / stats["global"]["size"],
+          "kept_per_layer": {k: v["kept"] / v["size"]
+                             for k, v in stats["leaves"].items()},
+          "epochs": {"baseline": args.epochs, "prune": args.prune_epochs,
+                     "prune_iters": args.prune_iters, "share": args.share_epochs},
+          "curves": curves,
+          "plot": plot,
+          "paper": {"lenet300": {"error": 0.0158, "ratio": 40},
+                    "lenet5": {"error": 0.0074, "ratio": 39}}.get(args.model),
+      })
+  print(size_table(results["file"]))
+  print(json.dumps({k: v for k, v in results.items()
+                    if k not in ("curves", "size_report", "kept_per_layer")},
+                   indent=1))
+  print(f"wrote {results['file']} ({results['file_bytes']} bytes, "
+        f"{results['ratio']:.1f}x smaller than fp32; test error "
+        f"{results['test_error']:.4f}, baseline {results['baseline_test_error']:.4f})")
+  return results
+
+
+def size_table(path: str) -> str:
+  """The per-layer size table of a written file (``cx.io.size_report``)."""
+  return str(cx.io.size_report(path))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,274 @@
+"""DiffQ: learned per-group bit widths vs uniform QAT (Défossez et al. 2021).
+
+The paper's intent on an MNIST-size model (default LeNet-5):
+
+1. **Baseline**: train the model at full precision (Adam).
+2. **DiffQ**, one run per ``lambda`` in ``--lambdas``: starting from the
+   baseline, fine-tune with pseudo-quantization noise on the weights
+   (``cx.diffq.noisy``) and the loss ``task + lambda * model_size_MB``
+   (``cx.diffq.model_size``); one bit logit per group of ``--group-size``
+   weights, trained by its own Adam (``--logit-lr``, paper: 1e-3) through
+   ``cx.optim.diffq_optimizer`` (``optax.partition``), the model by Adam
+   (``--lr``). Then truly quantize (``cx.diffq.quantize``: rounded bits,
+   ``DiffQArray`` nodes).
+3. **Uniform QAT**, one run per ``--qat-bits``: the same fine-tuning with
+   the forward pass on ``cx.quantize.uniform_ste`` weights (one min/max range
+   per tensor, like DiffQ's), then ``cx.quantize.quantize``.
+
+Both methods quantize the same leaves: the kernels of at least 0.01 MB
+(DiffQ's rule; LeNet-5's 2 KB ``conv1`` kernel and all biases stay fp32).
+Every run is written with ``cx.io.save`` to ``DIR/runs/*.cx`` and its test
+error measured on the weights decoded from that file. ``DIR/model.cx`` (and
+the top-level fields of ``results.json``) is the DiffQ model of
+``--save-lambda``, by default the largest lambda (the smallest DiffQ file).
+``results.json`` has a ``runs`` list (method, lambda or bits, file_bytes,
+ratio, test_error, mean_bits); ``DIR/pareto.png`` plots test error against
+file bytes.
+
+On the 8x8 digits (upsampled to 28x28, 22 steps per epoch) the logits move
+little: Adam moves a logit by at most about ``--logit-lr`` per step, and the
+bits need on the order of a thousand steps to fall from 8 to 4. Use MNIST or
+more ``--qat-epochs`` to see the size-accuracy trade-off settle::
+
+  python -m experiments.diffq --dataset npz:../shared/data/mnist.npz \\
+      --epochs 10 --qat-epochs 10 --lambdas 0 1e-2 1e-1 1 10
+
+References:
+  Défossez, Adi, Synnaeve, *Differentiable Model Compression via Pseudo
+  Quantization Noise*, 2021. https://arxiv.org/abs/2104.09987
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+import compressax as cx
+from experiments import models as models_lib
+from experiments import train as train_lib
+from experiments.lowrank import saved_run
+
+MODULE = "experiments.diffq"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  train_lib.add_common_args(p, model="lenet5", dataset="digits", epochs=5,
+                            batch_size=64, lr=1e-3)
+  p.add_argument("--lambdas", type=float, nargs="+",
+                 default=[0.0, 1e-3, 1e-2, 1e-1],
+                 help="size penalties, per MB of model")
+  p.add_argument("--qat-bits", type=int, nargs="*", default=[2, 4, 8],
+                 help="bit widths of the uniform-QAT runs")
+  p.add_argument("--qat-epochs", type=int, default=5,
+                 help="fine-tuning epochs of every DiffQ and QAT run")
+  p.add_argument("--group-size", type=int, default=16,
+                 help="weights per bit logit (0: one per tensor)")
+  p.add_argument("--logit-lr", type=float, default=1e-3,
+                 help="learning rate of the bit logits' own Adam")
+  p.add_argument("--init-bits", type=float, default=8.0)
+  p.add_argument("--b-min", type=float, default=2.0)
+  p.add_argument("--b-max", type=float, default=15.0)
+  p.add_argument("--noise", choices=("uniform", "gaussian"), default="uniform")
+  p.add_argument("--save-lambda", type=float, default=None,
+                 help="lambda whose DiffQ model is DIR/model.cx (default: "
+                      "the largest of --lambdas)")
+  p.add_argument("--no-plot", action="store_true")
+  args = p.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+  if any(lam < 0 for lam in args.lambdas):
+    p.error(f"--lambdas must be >= 0, got {args.lambdas}")
+  if any(not 1 <= b <= 16 for b in args.qat_bits):
+    p.error(f"--qat-bits must lie in [1, 16], got {args.qat_bits}")
+  if args.group_size < 0:
+    p.error("--group-size must be >= 0")
+  if not 1 <= args.b_min < args.init_bits < args.b_max <= 15:
+    p.error("need 1 <= --b-min < --init-bits < --b-max <= 15")
+  if args.save_lambda is None:
+    args.save_lambda = max(args.lambdas)
+  if args.save_lambda not in args.lambdas:
+    p.error(f"--save-lambda {args.save_lambda} is not one of --lambdas "
+            f"{args.lambdas}")
+  if args.out is None:
+    args.out = train_lib.default_out("diffq", args)
+  return args
+
+
+def _log(args, msg):
+  if not args.quiet:
+    print(msg, flush=True)
+
+
+def _task_loss(model):
+  def task(params, x, y):
+    return train_lib.cross_entropy(model.apply(params, x, train=False), y)
+  return task
+
+
+def run_diffq(model, params, ds, lam: float, args):
+  """Fine-tune with noise and a size penalty; return the quantized tree."""
+  kw = dict(group_size=args.group_size, b_min=args.b_min, b_max=args.b_max)
+  train = cx.optim.diffq_init(params, init_bits=args.init_bits, **kw)
+  tx = cx.optim.diffq_optimizer(optax.adam(args.lr),
+                                logit_learning_rate=args.logit_lr)
+  objective = cx.optim.diffq_loss(_task_loss(model), penalty=lam,
+                                  noise=args.noise, **kw)
+  train, _, _ = train_lib.fit(
+      model, train, tx, ds, epochs=args.qat_epochs, batch_size=args.batch_size,
+      seed=args.seed + 1, quiet=True, eval_every_epoch=False,
+      loss_fn=lambda t, x, y, key: objective(t, key, x, y))
+  return cx.optim.diffq_finalize(train, **kw), train["bit_logits"]
+
+
+def run_qat(model, params, ds, bits: int, where, args):
+  """Fine-tune on uniform STE-quantized weights; return the quantized tree."""
+  task = _task_loss(model)
+
+  def loss_fn(p, x, y, key):
+    del key
+    return task(cx.optim.quantized_params(p, bits, where=where), x, y)
+
+  params, _, _ = train_lib.fit(
+      model, params, optax.adam(args.lr), ds, epochs=args.qat_epochs,
+      batch_size=args.batch_size, seed=args.seed + 1, quiet=True,
+      eval_every_epoch=False, loss_fn=loss_fn)
+  return cx.optim.finalize(params, bits, where=where)
+
+
+def mean_bits(tree) -> float:
+  """Average stored bits per weight over the quantized leaves."""
+  total = count = 0
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=cx.is_compressed):
+    if isinstance(leaf, cx.diffq.DiffQArray):
+      g = leaf.group_size or leaf.size
+      sizes = np.minimum(g, leaf.size - g * np.arange(leaf.bits.shape[0]))
+      total += float(np.sum(sizes * np.asarray(leaf.bits, np.int64)))
+      count += leaf.size
+    elif isinstance(leaf, cx.quantize.QuantizedArray):
+      total += float(leaf.bits) * leaf.size
+      count += leaf.size
+  return total / max(count, 1)
+
+
+def plot_pareto(path: str, runs: list[dict], baseline: float, title: str) -> None:
+  """PNG of test error against file bytes, one line per method."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method, key in (("diffq", "lambda"), ("qat", "bits")):
+    pts = sorted((r["file_bytes"], r["test_error"], r[key]) for r in runs
+                 if r["method"] == method)
+    if not pts:
+      continue
+    xs, ys, tags = zip(*pts)
+    ax.plot(xs, ys, marker="o", label=method)
+    for x, y, t in pts:
+      ax.annotate(f"{key[0]}={t:g}", (x, y), fontsize=7,
+                  textcoords="offset points", xytext=(3, 3))
+  ax.axhline(baseline, color="gray", ls="--", label="fp32 baseline")
+  ax.set_xscale("log")
+  ax.set_xlabel("file bytes (model.cx)")
+  ax.set_ylabel("test error (decoded file)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def table(runs: list[dict], baseline: float, dense: int) -> str:
+  lines = [f"{'method':<6} {'setting':>12} {'mean_bits':>9} {'file_bytes':>10} "
+           f"{'ratio':>6} {'error':>7}",
+           f"{'fp32':<6} {'':>12} {32:>9.2f} {dense:>10d} {1:>6.2f} "
+           f"{baseline:>7.4f}"]
+  for r in runs:
+    setting = (f"lambda={r['lambda']:g}" if r["method"] == "diffq"
+               else f"bits={r['bits']}")
+    lines.append(f"{r['method']:<6} {setting:>12} {r['mean_bits']:>9.2f} "
+                 f"{r['file_bytes']:>10d} {r['ratio']:>6.2f} "
+                 f"{r['test_error']:>7.4f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  start = time.time()
+  model, ds, params = train_lib.setup(args)
+  _log(args, f"DiffQ vs uniform QAT: {args.model} on {args.dataset}, lambdas "
+             f"{args.lambdas}, QAT bits {args.qat_bits}")
+  params, _, _ = train_lib.fit(
+      model, params, optax.adam(args.lr), ds, epochs=args.epochs,
+      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+      desc="baseline", eval_every_epoch=False)
+  baseline = train_lib.evaluate(model, params, ds.x_test, ds.y_test,
+                                args.eval_batch_size)
+  _log(args, f"  baseline {args.model} fp32: test error {baseline:.4f}")
+
+  # QAT quantizes exactly the leaves that DiffQ gives bit logits.
+  logits0 = cx.diffq.init_logits(params, group_size=args.group_size)
+  where = jax.tree_util.tree_map(lambda l: l.size > 0, logits0)
+
+  runs, saved_tree = [], None
+  settings = [("diffq", lam) for lam in args.lambdas] + \
+             [("qat", b) for b in args.qat_bits]
+  with train_lib.progress(len(settings), "runs", args.quiet) as bar:
+    for method, value in settings:
+      if method == "diffq":
+        tree, logits = run_diffq(model, params, ds, value, args)
+        entry = {"method": "diffq", "lambda": value,
+                 "model_size_mb": float(cx.diffq.model_size(
+                     params, logits, group_size=args.group_size,
+                     b_min=args.b_min, b_max=args.b_max, exact=True))}
+        name = f"diffq-lambda{value:g}.cx"
+        if value == args.save_lambda:
+          saved_tree = tree
+      else:
+        tree = run_qat(model, params, ds, value, where, args)
+        entry = {"method": "qat", "bits": value}
+        name = f"qat-{value}bit.cx"
+      run = saved_run(os.path.join(args.out, "runs", name), tree, model, ds, args)
+      entry.update(mean_bits=mean_bits(tree), **run)
+      runs.append(entry)
+      bar.update(1)
+      bar.set_postfix(method=method, value=value, err=run["test_error"])
+
+  plot = None
+  if not args.no_plot:
+    os.makedirs(args.out, exist_ok=True)
+    plot = os.path.join(args.out, "pareto.png")
+    plot_pareto(plot, runs, baseline, f"DiffQ vs QAT: {args.model} on {args.dataset}")
+  results = train_lib.write_results(
+      args.out, saved_tree, model=model, ds=ds, args=args,
+      baseline_test_error=baseline, start_time=start, module=MODULE,
+      extra={"experiment": "diffq", "method": "diffq",
+             "lambda": args.save_lambda,
+             "saved": f"diffq at lambda {args.save_lambda:g}",
+             "mean_bits": mean_bits(saved_tree),
+             "group_size": args.group_size, "logit_lr": args.logit_lr,
+             "init_bits": args.init_bits, "noise": args.noise,
+             "epochs": {"baseline": args.epochs, "finetune": args.qat_epochs},
+             "runs": runs, "plot": plot})
+  print(table(runs, baseline, results["dense_fp32_bytes"]))
+  print(f"wrote {results['file']} (DiffQ at lambda {args.save_lambda:g}: "
+        f"{results['file_bytes']} bytes, {results['ratio']:.2f}x smaller than "
+        f"fp32, {results['mean_bits']:.2f} bits per quantized weight; test "
+        f"error {results['test_error']:.4f}, fp32 {baseline:.4f})")
+  if plot:
+    print(f"wrote {plot}")
+  print(f"wrote {os.path.join(args.out, 'results.json')}")
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
