@@ -13,11 +13,26 @@ from sklearn.cluster import KMeans
 import compressax as cx
 
 
+def _np_companding(x, k):
+  """Panter-Dite point density p^(1/3), p on equal-mass bins of the data.
+
+  A bin of width h holding a fraction 1/B of the points has p = 1/(B h), so
+  its part of the integral of p^(1/3) is proportional to h^(2/3).
+  """
+  x = np.sort(np.asarray(x, np.float64).ravel())
+  bins = min(2 ** 16, max(1, x.size // 8))
+  edges = x[np.round(np.linspace(0, x.size - 1, bins + 1)).astype(np.int64)]
+  cum = np.concatenate([[0.0], np.cumsum(np.diff(edges) ** (2 / 3))])
+  return np.interp((np.arange(k) + 0.5) / k * cum[-1], cum, edges)
+
+
 def _np_init(x, k, init):
   x = np.sort(np.asarray(x, np.float64).ravel())
   if init == "linear":
     t = np.arange(k) / (k - 1) if k > 1 else np.array([0.5])
     return x[0] + (x[-1] - x[0]) * t
+  if init == "companding":
+    return _np_companding(x, k)
   return np.quantile(x, (np.arange(k) + 0.5) / k)  # density
 
 
@@ -34,6 +49,25 @@ def _np_lloyd(x, cents, iters):
   return c, np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
 
 
+def _np_lloyd_tol(x, cents, iters, tol):
+  """Float64 Lloyd that stops once no centroid moves more than tol * range."""
+  x = np.asarray(x, np.float64).ravel()
+  c = np.sort(np.asarray(cents, np.float64))
+  for i in range(iters):
+    new, _ = _np_lloyd(x, c, 1)
+    move = np.max(np.abs(new - c))
+    c = new
+    if move <= tol * np.ptp(x):
+      return c, i + 1
+  return c, iters
+
+
+def _inertia(x, cents):
+  x = np.asarray(x, np.float64).ravel()
+  c = np.sort(np.asarray(cents, np.float64))
+  return float(np.sum((x - c[np.searchsorted((c[:-1] + c[1:]) / 2, x)]) ** 2))
+
+
 def _data(seed, shape):
   rng = np.random.default_rng(seed)
   return (rng.standard_normal(shape) * rng.uniform(0.01, 2.0)).astype(np.float32)
@@ -42,7 +76,7 @@ def _data(seed, shape):
 @hypothesis.settings(max_examples=10)
 @hypothesis.given(seed=st.integers(0, 2 ** 16), n=st.sampled_from([1, 7, 300]),
                   k=st.sampled_from([1, 2, 5, 12]),
-                  init=st.sampled_from(["linear", "density"]))
+                  init=st.sampled_from(["linear", "density", "companding"]))
 def test_matches_numpy_float64_lloyd(seed, n, k, init):
   x = _data(seed, (n,))
   cents, codes = cx.quantize.kmeans(x, k, init=init, iters=8)
@@ -70,13 +104,15 @@ def test_inertia_not_worse_than_sklearn(k):
   assert ours <= sk.inertia_ * (1 + 1e-5) + 1e-9
 
 
-def test_traced_n_clusters_under_vmap_equals_loop():
+@pytest.mark.parametrize("init,tol", [("linear", 0.0), ("companding", 1e-3)])
+def test_traced_n_clusters_under_vmap_equals_loop(init, tol):
   x = _data(1, (7, 9))
   ns = [1, 2, 5, 8]
+  kw = dict(init=init, iters=10, tol=tol)
   cents, codes = jax.vmap(
-      lambda n: cx.quantize.kmeans(x, n, max_clusters=8, iters=10))(jnp.array(ns))
+      lambda n: cx.quantize.kmeans(x, n, max_clusters=8, **kw))(jnp.array(ns))
   for i, n in enumerate(ns):
-    c_ref, codes_ref = cx.quantize.kmeans(x, n, iters=10)
+    c_ref, codes_ref = cx.quantize.kmeans(x, n, **kw)
     np.testing.assert_allclose(cents[i, :n], c_ref, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(codes[i], codes_ref)
     assert int(codes[i].max()) < n
@@ -84,12 +120,61 @@ def test_traced_n_clusters_under_vmap_equals_loop():
     np.testing.assert_array_equal(cents[i, n:], np.full(8 - n, c_ref[-1]))
 
 
-def test_jit_equals_eager():
+@pytest.mark.parametrize("init", ["density", "companding"])
+def test_jit_equals_eager(init):
   x = _data(2, (9, 11))
-  a = cx.quantize.kmeans(x, 7, init="density")
-  b = jax.jit(lambda x: cx.quantize.kmeans(x, 7, init="density"))(x)
+  a = cx.quantize.kmeans(x, 7, init=init, iters=100, tol=1e-4)
+  b = jax.jit(lambda x: cx.quantize.kmeans(x, 7, init=init, iters=100, tol=1e-4))(x)
   for u, v in zip(a, b):
     np.testing.assert_array_equal(u, v)
+
+
+@hypothesis.settings(max_examples=8)
+@hypothesis.given(seed=st.integers(0, 2 ** 16), n=st.sampled_from([1, 7, 300, 3000]),
+                  k=st.sampled_from([1, 3, 16, 64]))
+def test_companding_init_matches_numpy(seed, n, k):
+  x = _data(seed, (n,))
+  cents, _ = cx.quantize.kmeans(x, k, init="companding", iters=0)
+  scale = float(np.ptp(x)) + 1e-6
+  np.testing.assert_allclose(np.asarray(cents), _np_companding(x, k), atol=1e-5 * scale)
+
+
+def test_companding_not_worse_than_sklearn_kmeanspp():
+  x = np.random.default_rng(2026).standard_normal(200_000).astype(np.float32)
+  cents, _ = cx.quantize.kmeans(x, 64, init="companding", iters=300, tol=1e-6)
+  sk = KMeans(64, init="k-means++", n_init=1, random_state=0).fit(
+      x.astype(np.float64)[:, None])
+  assert _inertia(x, cents) <= sk.inertia_ * 1.01
+
+
+@pytest.mark.parametrize("init", ["linear", "companding"])
+def test_tol_stops_like_float64_reference(init):
+  x = np.random.default_rng(11).standard_normal(2000).astype(np.float32)
+  k, tol, iters = 16, 1e-3, 400
+  scale = float(np.ptp(x))
+  start = cx.quantize.kmeans(x, k, init=init, iters=0)[0]
+  ref, its = _np_lloyd_tol(x, start, iters, tol)
+  ref_all, _ = _np_lloyd(x, start, iters)
+  # On this data the early stop matters: far more than the tolerance below.
+  assert its < iters and np.max(np.abs(ref - ref_all)) > 10 * 2e-5 * scale
+  cents, _ = cx.quantize.kmeans(x, k, init=init, iters=iters, tol=tol)
+  np.testing.assert_allclose(np.asarray(cents), ref, atol=2e-5 * scale)
+  # Run with tol=0 to a fixed point: one more float64 step changes nothing.
+  fixed, _ = cx.quantize.kmeans(x, k, init=init, iters=5000)
+  step, _ = _np_lloyd(x, fixed, 1)
+  np.testing.assert_allclose(np.asarray(fixed, np.float64), step, atol=1e-5 * scale)
+
+
+def test_kmeanspp_seeds_on_strided_subsample():
+  size = cx.quantize._kmeans.SEED_POINTS + 4321
+  x = _data(12, (size,))
+  key = jax.random.key(3)
+  cents, _ = cx.quantize.kmeans(x, 8, init="kmeans++", key=key, iters=0)
+  strided = np.sort(x)[np.round(np.linspace(0, size - 1, 2 ** 16)).astype(np.int64)]
+  assert np.all(np.isin(np.asarray(cents), strided))
+  jitted, _ = jax.jit(lambda x: cx.quantize.kmeans(x, 8, init="kmeans++", key=key,
+                                                  iters=0))(x)
+  np.testing.assert_array_equal(jitted, cents)
 
 
 def test_empty_cluster_keeps_its_centroid():
@@ -173,6 +258,8 @@ def test_bad_input():
     cx.quantize.kmeans(np.array([1.0, np.nan], np.float32), 2)
   with pytest.raises(ValueError, match="needs a PRNG"):
     cx.quantize.kmeans(x, 2, init="kmeans++")
+  with pytest.raises(ValueError, match="tol must be"):
+    cx.quantize.kmeans(x, 2, tol=-1e-3)
   with pytest.raises(ValueError, match="init must be"):
     cx.quantize.kmeans(x, 2, init="random")
   with pytest.raises(ValueError, match="exceeds max_clusters"):
