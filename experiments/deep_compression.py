@@ -37,7 +37,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -257,9 +256,7 @@ def main(argv=None) -> dict:
                     "lenet5": {"error": 0.0074, "ratio": 39}}.get(args.model),
       })
   print(size_table(results["file"]))
-  print(json.dumps({k: v for k, v in results.items()
-                    if k not in ("curves", "size_report", "kept_per_layer")},
-                   indent=1))
+  print(f"results: {os.path.join(args.out, 'results.json')}")
   print(f"wrote {results['file']} ({results['file_bytes']} bytes, "
         f"{results['ratio']:.1f}x smaller than fp32; test error "
         f"{results['test_error']:.4f}, baseline {results['baseline_test_error']:.4f})")

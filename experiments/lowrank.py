@@ -28,7 +28,7 @@ subset of the *training* set (never the test set); ``proxy`` uses the
 size-weighted discarded singular-value energy (``cx.lowrank.proxy_loss``).
 BSR's modified-stable-rank regularizer is not used here.
 
-Run ``python -m experiments.lowrank`` (digits, under a minute), or on MNIST::
+Run ``python -m experiments.lowrank`` (digits, about a minute on CPU), or on MNIST::
 
   python -m experiments.lowrank --dataset npz:../shared/data/mnist.npz \\
       --epochs 20 --finetune-epochs 5
@@ -42,7 +42,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

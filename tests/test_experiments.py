@@ -301,3 +301,21 @@ def test_sweep_flags_and_table():
            "baseline_test_error": 0.01, "file_bytes": 12345, "ratio": 21.0}]
   lines = sweep.table(rows, "bits").splitlines()
   assert lines[2].split() == ["ip=4", "0", "1.25%", "1.00%", "12,345", "21.0x"]
+
+
+def test_summarize_mean_and_spread(tmp_path):
+  import json
+  from experiments import summarize
+  paths = []
+  for seed, err in enumerate([0.01, 0.02, 0.03]):
+    p = tmp_path / f"r{seed}.json"
+    p.write_text(json.dumps({"seed": seed, "test_error": err, "ratio": 40.0 + seed,
+                             "baseline_test_error": 0.015, "file_bytes": 100 + seed,
+                             "wall_time_s": 1.0, "model": "m", "dataset": "d"}))
+    paths.append(str(p))
+  out = summarize.main(paths)
+  last = out.splitlines()[-1]
+  # mean 2.00%, sample std 1.00%, range 1.00%-3.00%
+  assert "2.00% ± 1.00% (1.00%-3.00%)" in last
+  assert "41.0x ± 1.0x (40.0x-42.0x)" in last
+  assert "3 seeds" in last

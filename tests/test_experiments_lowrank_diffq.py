@@ -183,4 +183,4 @@ def test_diffq_flag_errors():
     diffq.parse_args(["--init-bits", "1"])
   args = diffq.parse_args([])
   assert args.model == "lenet5" and args.group_size == 16
-  assert args.logit_lr == 1e-3 and args.save_lambda == max(args.lambdas)
+  assert args.logit_lr == 0.05 and args.save_lambda == max(args.lambdas)
