@@ -239,36 +239,6 @@ def test_deep_compression_flag_errors():
   assert args.bits == {"conv": 7, "ip": 4} and args.keep["conv1"] == 0.66
 
 
-def test_quantized_distillation_smoke(tmp_path):
-  import json
-  import os
-
-  import compressax as cx
-  from experiments import quantized_distillation
-
-  out = tmp_path / "qd"
-  res = quantized_distillation.main([
-      "--teacher-epochs", "1", "--epochs", "1", "--bits", "3", "--quiet",
-      "--no-plot", "--out", str(out)])
-  with open(out / "results.json") as f:
-    saved = json.load(f)
-  assert saved["test_error"] == res["test_error"]
-  assert saved["file_bytes"] == os.path.getsize(out / "model.cx")
-  assert saved["ratio"] == pytest.approx(saved["dense_fp32_bytes"] / saved["file_bytes"])
-  tree = cx.io.load(str(out / "model.cx"), keep_compressed=True)
-  node = tree["params"]["ip2"]["kernel"]
-  assert isinstance(node, cx.quantize.QuantizedArray)
-  # Uniform 3-bit buckets of 256: at most 8 levels in every bucket.
-  w = np.asarray(node.materialize()).reshape(-1)
-  for start in range(0, w.size, 256):
-    assert len(np.unique(w[start:start + 256])) <= 2 ** 3
-  dense = cx.io.load(str(out / "model.cx"))
-  model = models_lib.get_model("lenet300")
-  ds = data_lib.load_dataset("digits")
-  pred = np.argmax(np.asarray(model.apply(dense, ds.x_test)), axis=-1)
-  assert np.mean(pred != ds.y_test) == saved["test_error"]
-
-
 def test_sgd_cosine_schedule_matches_formula_under_strict_promotion():
   lr, total = 0.1, 8
   tx = train_lib.sgd(lr, momentum=0.0, decay_steps=total)
@@ -287,20 +257,6 @@ def test_sgd_weight_decay_adds_l2_gradient():
   params = {"w": jnp.array([2.0, -4.0], jnp.float32)}
   u, _ = tx.update({"w": jnp.zeros((2,), jnp.float32)}, tx.init(params), params)
   np.testing.assert_allclose(np.asarray(u["w"]), -0.5 * 0.1 * np.array([2.0, -4.0]))
-
-
-def test_sweep_flags_and_table():
-  from experiments import sweep
-  args = sweep.parse_args(["--experiment", "deep_compression", "--flag", "bits",
-                           "--values", "ip=4", "ip=5", "--", "--quiet"])
-  assert args.values == ["ip=4", "ip=5"] and args.rest == ["--quiet"]
-  with pytest.raises(SystemExit):
-    sweep.parse_args(["--experiment", "deep_compression", "--flag", "bits",
-                      "--values", "ip=4", "--", "--seed", "1"])
-  rows = [{"value": "ip=4", "seed": 0, "test_error": 0.0125,
-           "baseline_test_error": 0.01, "file_bytes": 12345, "ratio": 21.0}]
-  lines = sweep.table(rows, "bits").splitlines()
-  assert lines[2].split() == ["ip=4", "0", "1.25%", "1.00%", "12,345", "21.0x"]
 
 
 def test_summarize_mean_and_spread(tmp_path):
