@@ -60,6 +60,10 @@ class DiffQArray(CompressedLeaf):
     dense = self.lo + self.codes.astype(jnp.float32) * self.step()
     return dense.astype(self.dtype)
 
+  def _cx_groups(self):
+    """For ``cx.io``: pack each group of ``codes`` at its own width in ``bits``."""
+    return {"codes": (self.group_size, "bits")}
+
   def storage_bits(self) -> int:
     counts = _bits.group_counts(self.size, self.group_size)
     payload = int(np.sum(counts * np.asarray(self.bits, np.int64)))

@@ -5,6 +5,11 @@
   ``bit_length(max - min)`` through the smallest of raw bit packing, canonical
   Huffman and ANS (:func:`compressax.io.encode_symbols`); a constant array
   takes no payload bytes.
+* integer codes with a bit width per group (a node's grouped field, see
+  ``_grouped``): also coded width class by width class, and the smaller of
+  that and the generic integer encoding is kept, counting each record's
+  manifest bytes too (:func:`encoded_cost`): a tiny tensor with many width
+  classes is cheaper generic.
 * bool: masks. Either Deep Compression relative indices (the gap codes coded
   like integer codes) or a bitmap (one bit per position, also offered to the
   entropy coders), whichever payload is smaller *after* entropy coding; the
@@ -18,11 +23,15 @@ entropy coding (bit-packed codes, packed relative indices or bitmap), used by
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 
 from compressax.io._bitpack import _container, packed_nbytes
 from compressax.io._entropy import decode_symbols, encode_symbols, estimate_nbytes
+from compressax.io._grouped import decode_grouped, encode_grouped
 from compressax.io._sparse import (best_index_bits, relative_index_decode,
                                    relative_index_encode)
 
@@ -49,8 +58,12 @@ def _uint(itemsize: int) -> np.dtype:
   return np.dtype(f"<u{itemsize}")
 
 
-def encode_flat(flat: np.ndarray) -> tuple[dict, bytes]:
-  """Encodes a 1-D array; returns ``(record, payload)``."""
+def encode_flat(flat: np.ndarray, groups=None) -> tuple[dict, bytes]:
+  """Encodes a 1-D array; returns ``(record, payload)``.
+
+  ``groups``, for integer codes only, is ``(widths, group_size, widths_field)``:
+  the per-group bit widths offered to :func:`encode_grouped`.
+  """
   kind = kind_of(flat.dtype)
   n = int(flat.size)
   if kind == "float":
@@ -71,7 +84,22 @@ def encode_flat(flat: np.ndarray) -> tuple[dict, bytes]:
   u = flat.view(np.dtype(f"u{flat.dtype.itemsize}")) - u_t.type(lo % (1 << (8 * u_t.itemsize)))
   u = u.astype(_container(bits), copy=False)
   coded, payload = encode_symbols(u, bits)
-  return dict(kind="int", min=lo, raw=packed_nbytes(n, bits), **coded), payload
+  best = dict(kind="int", min=lo, raw=packed_nbytes(n, bits), **coded), payload
+  if groups is not None:
+    grouped = encode_grouped(flat, groups[0], groups[1], groups[2])
+    if grouped is not None and encoded_cost(*grouped) <= encoded_cost(*best):
+      best = grouped
+  return best
+
+
+def encoded_cost(record: dict, payload: bytes) -> int:
+  """Payload bytes plus an estimate of the record's share of the manifest.
+
+  The estimate is the record's JSON deflated on its own, an upper bound on
+  what it adds to the zlib-compressed manifest in most cases.
+  """
+  js = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+  return len(payload) + len(zlib.compress(js, 9))
 
 
 def _index_widths(idx: np.ndarray) -> range:
@@ -140,8 +168,12 @@ def encode_mask(candidates) -> tuple[int, dict, bytes]:
   return best
 
 
-def decode_flat(rec: dict, payload, dtype, count: int) -> np.ndarray:
-  """Inverts :func:`encode_flat`: ``count`` elements of ``dtype``."""
+def decode_flat(rec: dict, payload, dtype, count: int, siblings=None) -> np.ndarray:
+  """Inverts :func:`encode_flat`: ``count`` elements of ``dtype``.
+
+  ``siblings``: the node's fields decoded so far (name -> array), where a
+  grouped record finds its widths.
+  """
   dtype = np.dtype(dtype)
   kind = kind_of(dtype)
   if rec.get("kind") != kind:
@@ -162,6 +194,11 @@ def decode_flat(rec: dict, payload, dtype, count: int) -> np.ndarray:
     if rec["scheme"] != "relidx":
       raise ValueError(f"unknown mask scheme {rec['scheme']!r}")
     return relative_index_decode(symbols, int(rec["index_bits"]), count)
+  if "scheme" in rec:
+    if rec["scheme"] != "grouped":
+      raise ValueError(f"unknown integer scheme {rec['scheme']!r}")
+    return decode_grouped(rec, payload, dtype, count,
+                          (siblings or {}).get(rec["widths"]))
   bits = int(rec["bits"])
   if bits < 0 or bits > 8 * dtype.itemsize or int(rec["count"]) != count:
     raise ValueError(f"bad integer encoding for {count} x {dtype}")

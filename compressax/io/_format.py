@@ -43,6 +43,12 @@ materializes to the same dense array because its
 pruned positions are masked out; with ``keep_compressed=True`` the restored
 node holds zeros there instead of the original (irrelevant) values.
 
+**Grouped codes.** A node's integer field with a bit width per group of
+elements (a ``_cx_groups`` hook, or ``codes`` + ``bits`` + a ``group_size``
+meta as in :class:`compressax.diffq.DiffQArray`; see ``_grouped``) may be
+stored width class by width class (``enc["scheme"] == "grouped"``, naming the
+widths field). The widths field is then written, and read, before the codes.
+
 Trees: dicts with string keys (incl. Flax ``FrozenDict``, loaded as ``dict``),
 lists, tuples (``NamedTuple``\\s load as plain tuples), ``None``, arrays and
 Python scalars (loaded as 0-d arrays). An ``nnx.State`` is saved as
@@ -64,6 +70,7 @@ import numpy as np
 
 from compressax._node import CompressedLeaf, leaf_type
 from compressax.io._codec import decode_flat, encode_flat, encode_mask, kind_of
+from compressax.io._grouped import group_spec
 
 __all__ = ["save", "load", "CorruptFileError", "FORMAT_VERSION", "MAGIC",
            "FLAG_ZLIB_MANIFEST"]
@@ -158,7 +165,7 @@ class _Encoder:
       return {"t": "none"}
     return self.array(obj, tpath, salt, ctx)
 
-  def array(self, obj, tpath, salt, ctx) -> dict:
+  def array(self, obj, tpath, salt, ctx, groups=None) -> dict:
     arr = np.asarray(obj)
     try:
       kind_of(arr.dtype)
@@ -176,7 +183,8 @@ class _Encoder:
       perm = perms[k]
     else:
       perm = tuple(range(arr.ndim))
-      enc, payload = encode_flat(_scan(arr, perm))
+      enc, payload = encode_flat(_scan(arr, perm),
+                                 groups if kind_of(arr.dtype) == "int" else None)
     rec = {"t": "array", "shape": list(arr.shape), "dtype": arr.dtype.name,
            "enc": enc}
     if sparse:
@@ -214,10 +222,31 @@ class _Encoder:
         ctx = (restored, perm, _scan(restored, perm))
       else:  # a 0-d mask broadcasts: all or nothing kept
         rec["kept"] = node.size if bool(m) else 0
-    for k, v in data.items():
-      if not (k == "mask" and "kept" in rec):
-        rec["fields"].append([k, self.tree(v, tpath + ("n:" + k,), salt, ctx)])
+    # Per-group widths are written before the codes they lay out, so the
+    # reader has them when it meets the codes (see ``_grouped``).
+    spec = {k: s for k, s in group_spec(node).items()
+            if isinstance(s, tuple) and len(s) == 2 and s[1] in data and s[1] != k
+            and k in data and _is_array(data[k]) and _is_array(data[s[1]])
+            and isinstance(s[0], (int, np.integer)) and not isinstance(s[0], bool)}
+    widths = {s[1] for s in spec.values()}
+    order = sorted(data, key=lambda k: k not in widths)
+    for k in order:
+      if k == "mask" and "kept" in rec:
+        continue
+      v, sub = data[k], tpath + ("n:" + k,)
+      if k in spec:
+        rec["fields"].append([k, self.array(
+            v, sub, salt, ctx, (np.asarray(data[spec[k][1]]), int(spec[k][0]),
+                                spec[k][1]))])
+      else:
+        rec["fields"].append([k, self.tree(v, sub, salt, ctx)])
     return rec
+
+
+def _is_array(v) -> bool:
+  """An array leaf (not a nested node, ``None`` or a container)."""
+  return not isinstance(v, CompressedLeaf) and hasattr(v, "shape") \
+      and hasattr(v, "dtype")
 
 
 def _encode(tree) -> list[bytes]:
@@ -356,7 +385,7 @@ class _Decoder:
   def fail(self, tpath, msg):
     raise CorruptFileError(f"{self.name}: {_show(tpath)}: {msg}")
 
-  def tree(self, rec, tpath, salt, ctx, in_node=False):
+  def tree(self, rec, tpath, salt, ctx, in_node=False, siblings=None):
     try:
       t = rec["t"]
       if t == "dict":
@@ -373,7 +402,7 @@ class _Decoder:
       if t == "none":
         return None
       if t == "array":
-        return self.array(rec, tpath, salt, ctx)
+        return self.array(rec, tpath, salt, ctx, siblings)
       if t == "node":
         node = self.node(rec, tpath, salt, ctx)
         if in_node or self.keep:
@@ -385,7 +414,7 @@ class _Decoder:
     except Exception as e:  # noqa: BLE001  a lying manifest must not leak garbage
       self.fail(tpath, f"{type(e).__name__}: {e}")
 
-  def array(self, rec, tpath, salt, ctx) -> np.ndarray:
+  def array(self, rec, tpath, salt, ctx, siblings=None) -> np.ndarray:
     shape = tuple(rec["shape"])
     if not all(isinstance(d, int) and d >= 0 for d in shape):
       self.fail(tpath, f"bad shape {rec['shape']!r}")
@@ -407,7 +436,7 @@ class _Decoder:
       out = np.zeros(n, dtype)
       out[sel] = flat
     else:
-      out = decode_flat(rec["enc"], payload, dtype, n)
+      out = decode_flat(rec["enc"], payload, dtype, n, siblings)
     # Undo the scan order: the flat data is the array transposed by `perm`.
     out = out.reshape(tuple(shape[p] for p in perm))
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
@@ -426,7 +455,7 @@ class _Decoder:
         ctx = m
     for k, r in rec["fields"]:
       if k not in data:
-        data[k] = self.tree(r, tpath + ("n:" + k,), salt, ctx, True)
+        data[k] = self.tree(r, tpath + ("n:" + k,), salt, ctx, True, data)
     return cls(**data, **meta)
 
 
