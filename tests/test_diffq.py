@@ -80,11 +80,78 @@ def test_noise_scale_matches_formula(seed, shape, group_size, noise):
   if noise == "uniform":
     assert np.all(np.abs(ratio) <= 0.5 + 1e-3)
   # Same key, same draw; the noise itself is a standard draw times Delta / (2 or 1).
-  u = (jax.random.uniform(jax.random.fold_in(jax.random.key(seed), 0), shape,
-                          jnp.float32, -0.5, 0.5) if noise == "uniform" else
+  u = (_np_uniform(jax.random.key(seed), shape)
+       if noise == "uniform" else
        jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0), shape) / 2)
   u = np.where(delta > 0, np.asarray(u, np.float64).ravel(), 0.0)  # 1 weight: no range
   np.testing.assert_allclose(ratio, u, atol=2e-3)
+
+
+def _np_uniform(key, shape, offset=0):
+  """The documented uniform noise, in NumPy uint64 arithmetic mod 2^32."""
+  s0, s1 = (int(v) for v in np.asarray(jax.random.bits(key, (2,), jnp.uint32)))
+  n = int(np.prod(shape))
+  m = np.uint64(0xFFFFFFFF)
+  j = (np.arange((n + 1) // 2, dtype=np.uint64) + np.uint64(offset)) & m
+  h = ((j * np.uint64(0x9E3779B9)
+        + np.uint64(s0)) & m) ^ np.uint64(s1)
+  for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+    h = ((h ^ (h >> np.uint64(shift))) * np.uint64(mult)) & m
+  h = h ^ (h >> np.uint64(16))
+  codes = np.stack([h & np.uint64(0xFFFF), h >> np.uint64(16)], 1).ravel()[:n]
+  return ((codes.astype(np.float64) + 0.5) / 2 ** 16 - 0.5).reshape(shape)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(seed=st.integers(0, 2 ** 16),
+                  shape=st.sampled_from([(1, 2), (1, 3), (4, 4), (7, 5), (2, 3, 5)]))
+def test_uniform_noise_is_the_documented_hash_exactly(seed, shape):
+  # Two quantized leaves and an unquantized one between them: the second
+  # leaf continues the stream where the first left off.
+  params = {"a": np.linspace(-1, 1, int(np.prod(shape)) + 1,
+                             dtype=np.float32).reshape(1, -1),
+            "b": np.zeros((3,), np.float32),
+            "c": np.linspace(-2, 3, int(np.prod(shape)),
+                             dtype=np.float32).reshape(shape)}
+  logits = cx.diffq.init_logits(params, group_size=0, init_bits=4.0,
+                                min_size=0)
+  logits["b"] = np.zeros((0,), np.float32)
+  key = jax.random.key(seed)
+  out = cx.diffq.noisy(params, logits, key, group_size=0)
+  jitted = jax.jit(cx.diffq.noisy, static_argnames="group_size")(
+      params, logits, key, group_size=0)
+  na = params["a"].size
+  for name, offset, rng in (("a", 0, 2.0), ("c", (na + 1) // 2, 5.0)):
+    w = params[name].astype(np.float64)
+    u = (np.asarray(out[name], np.float64) - w) / (rng / 15)
+    ref = _np_uniform(key, w.shape, offset)
+    np.testing.assert_allclose(u, ref, atol=2e-5)
+    np.testing.assert_array_equal(out[name], jitted[name])
+  assert out["b"] is params["b"]
+
+
+def test_uniform_noise_statistics():
+  from compressax.diffq import _noise
+  n = 1 << 18
+  seeds = [jax.random.bits(jax.random.key(k), (2,), jnp.uint32) for k in (7, 8)]
+  u = np.asarray(_noise._uniform(seeds[0], (n,)), np.float64)
+  v = np.asarray(_noise._uniform(seeds[1], (n,)), np.float64)
+  np.testing.assert_array_equal(u, _np_uniform(jax.random.key(7), (n,)))
+  half = 0.5 - 2.0 ** -17
+  assert u.min() >= -half and u.max() <= half
+  grid = (u + 0.5) * 2 ** 16 - 0.5                  # integer codes
+  np.testing.assert_array_equal(grid, np.round(grid))
+  se_mean = np.sqrt(1 / 12 / n)
+  assert abs(u.mean()) < 5 * se_mean
+  assert abs(u.var() - 1 / 12) < 5 * np.sqrt(1 / 180 / n)   # Var(u^2) = 1/180
+  # 64 equal bins: chi-square with 63 dof (mean 63, sd ~11.2).
+  counts = np.histogram(u, bins=64, range=(-0.5, 0.5))[0]
+  chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+  assert chi2 < 63 + 6 * np.sqrt(2 * 63)
+  # Neighbours (the two halves of one hash word, and adjacent words) and
+  # two keys are uncorrelated.
+  for a, b in ((u[0::2], u[1::2]), (u[:-2], u[2:]), (u, v)):
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
 
 
 def test_gaussian_noise_statistics():

@@ -68,18 +68,30 @@ def adacomp_compress(residual: jax.Array, grad: jax.Array, bin_size: int):
   g_acc = residual + grad
   h = g_acc + grad
   n = g_acc.size
-  n_bins = -(-n // bin_size)
-  pad = n_bins * bin_size - n
-  # Padding is zero, and zero G is never sent, so the bins' tails are inert.
-  gb = jnp.pad(g_acc.reshape(-1), (0, pad)).reshape(n_bins, bin_size)
-  hb = jnp.pad(h.reshape(-1), (0, pad)).reshape(n_bins, bin_size)
-  gmax = jnp.max(jnp.abs(gb), axis=1, keepdims=True)
-  chosen = (jnp.abs(hb) >= gmax) & (gb != 0)
-  n_sent = jnp.sum(chosen, dtype=jnp.int32)
-  mag = jnp.sum(jnp.where(chosen, jnp.abs(gb), jnp.zeros_like(gb)))
+  # Only the bin maxima need the (n_bins, L_T) layout; the full bins and the
+  # short last bin are reduced separately (a padded copy is slower), and
+  # everything else stays in the leaf's own shape.
+  full, rem = divmod(n, bin_size)
+  a = jnp.abs(g_acc)
+  flat = a.reshape(-1)
+  parts = []
+  if full:
+    parts.append(jnp.max(flat[:full * bin_size].reshape(full, bin_size),
+                         axis=1))
+  if rem:
+    parts.append(jnp.max(flat[full * bin_size:], keepdims=True))
+  gmax = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+  n_bins = len(gmax)
+  gmax = jnp.broadcast_to(gmax[:, None], (n_bins, bin_size)).reshape(-1)[:n]
+  chosen = (jnp.abs(h) >= gmax.reshape(g_acc.shape)) & (g_acc != 0)
+  zero = jnp.zeros_like(a)
+  # Count and magnitude in one variadic reduction: one pass, not two.
+  mag, n_sent = jax.lax.reduce(
+      (jnp.where(chosen, a, zero), chosen.astype(jnp.int32)),
+      (jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32)),
+      lambda x, y: (x[0] + y[0], x[1] + y[1]), tuple(range(a.ndim)))
   scale = mag / jnp.maximum(n_sent, 1).astype(g_acc.dtype)
-  sent_b = jnp.where(chosen, jnp.sign(gb) * scale, jnp.zeros_like(gb))
-  sent = sent_b.reshape(-1)[:n].reshape(g_acc.shape)
+  sent = jnp.where(chosen, jnp.sign(g_acc) * scale, zero)
   return sent, g_acc - sent, n_sent
 
 
@@ -164,12 +176,14 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
         sent, r_new = g, r
         k = jnp.asarray(g.size, jnp.int32)
         b = jnp.asarray(32.0 * g.size, jnp.float32)
-      if axis_name is not None:
-        sent = jax.lax.pmean(sent, axis_name)
       out.append(sent)
       new_res.append(r_new)
       counts.append(k)
       bits.append(b)
+    if axis_name is not None:
+      # One collective over all leaves: per-leaf pmeans are separate
+      # all-reduces, each a cross-device rendezvous.
+      out = jax.lax.pmean(out, axis_name)
     unflat = treedef.unflatten
     return unflat(out), AdaCompState(unflat(new_res), unflat(counts),
                                      unflat(bits), state.dense_bits)
