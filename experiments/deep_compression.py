@@ -10,7 +10,8 @@ The three-stage pipeline, every stage through compressax's public API:
    exactly zero.
 3. **Trained quantization**: per-layer 1-D k-means with linear init, then
    centroid fine-tuning (``cx.optim.weight_sharing``, each centroid's
-   gradient the sum over its cluster) inside ``cx.optim.prune_fixed``.
+   gradient the sum over its cluster) inside ``cx.optim.prune_fixed``. As in
+   the paper, only the kept weights are clustered (``mask=``).
 4. **Entropy coding**: the pruned, shared layers become
    ``MaskedArray(CodebookArray)`` nodes and ``cx.io.save`` writes them with
    relative-index position coding and Huffman/ANS coding of codes and gaps.
@@ -190,7 +191,7 @@ def share_and_finetune(model, params, mask, ds, args, curves):
   bits_fn = _bits_for(args.bits)
   tx = cx.optim.prune_fixed(
       cx.optim.weight_sharing(_sgd(args, ds, args.share_lr, args.share_epochs),
-                              bits=bits_fn), mask)
+                              bits=bits_fn, mask=mask), mask)
   state = tx.init(params)
   ws = state.inner_state
   snapped = cx.prune.apply_mask(cx.optim.shared_params(params, ws), mask)
