@@ -1,25 +1,44 @@
-"""Quantized distillation (Polino, Pascanu, Alistarh 2018) on the MNIST-size models.
+"""Quantized distillation vs differentiable quantization (Polino et al. 2018).
 
-Every stage goes through compressax's public API:
+A ``teacher_mlp`` (1200-1200, dropout) teaches a LeNet-300-100 student. At
+each bit width of ``--bits`` (default 2 and 4) five methods produce a really
+quantized student, saved to ``DIR/runs/METHOD-{bits}bit.cx`` with
+``cx.io.save`` and evaluated from the loaded file:
 
-1. **Teacher**: train a wide model (default ``teacher_mlp``, 1200-1200 with
-   dropout) at full precision.
-2. **Baseline student**: the same student architecture trained normally at
-   full precision (``baseline_test_error``).
-3. **Quantized distillation**: a fresh student keeps float32 shadow weights;
-   each step runs it on ``q(w)`` (uniform quantization with buckets of 256,
-   straight-through gradient) and minimises
-   ``0.7 T^2 KL(teacher/T || student/T) + 0.3 CE`` with ``T = 2``
-   (``cx.optim.quantized_distillation_loss``), SGD with Nesterov momentum.
-4. **Final quantization**: ``cx.optim.finalize`` turns the shadow weights into
-   ``QuantizedArray`` nodes (integer codes plus per-bucket scales), written
-   with ``cx.io.save``; ``test_error`` is measured on the decoded file.
+* ``ptq``: the fp32 student (trained on labels) quantized post-training with
+  one range per tensor (``QuantizedArray``, no buckets);
+* ``ptq_bucket``: the same with buckets of 256 values (Polino's k = 256);
+* ``qat``: the student trained from the same init on ``uniform_ste`` weights
+  (buckets of 256), labels only, no teacher;
+* ``qdistill``: quantized distillation, ``0.7 T^2 KL + 0.3 CE``, ``T = 2``,
+  SGD Nesterov 0.9, buckets of 256 (``cx.optim.quantized_distillation_loss``);
+* ``diffquant``: differentiable quantization. It starts from the *distilled*
+  fp32 student, keeps its weights fixed, and learns ``2^bits`` points per
+  tensor in the bucket-scaled [0, 1] domain (buckets of 256, initialised at
+  the quantiles of the scaled weights; ``cx.optim.init_points``,
+  ``cx.quantize.nearest_point``, ``cx.optim.diff_quant_points``). Loss: by
+  default the paper's, distillation (``T^2 KL``, T = 2) from the model's own
+  fp32 copy; ``--dq-target teacher`` distills from the teacher instead.
+  Points are trained by SGD with Nesterov momentum 0.9.
 
-Run ``python -m experiments.quantized_distillation`` (digits, about a
-minute), or on MNIST::
+Storage of ``diffquant``: no library node holds non-uniform points with
+per-bucket scales, so this module registers :class:`BucketPointsArray`
+(uint codes, the tensor's float32 points, and float32 ``alpha``/``beta`` per
+bucket; ``numel * ceil(log2 K) + 32 K + 64 * buckets`` bits before the file's
+entropy coding). Loading such a file needs this module imported. Biases stay
+float32 in every method (the library's default selection: weight matrices).
+
+Also trained, errors only: ``teacher``, ``student_fp32`` (the
+``baseline_test_error``) and ``student_distilled_fp32``. ``results.json``
+follows the experiments' contract with ``model.cx`` = the ``qdistill``
+student at 4 bits (else the largest bit width), plus ``runs`` and
+``ordering`` (methods by error per bit width and the paper's claims checked).
+
+Run ``python -m experiments.quantized_distillation`` (digits, about two
+minutes on two cores), or on MNIST::
 
   python -m experiments.quantized_distillation \\
-      --dataset npz:../shared/data/mnist.npz --teacher-epochs 20 --epochs 20
+      --dataset npz:../shared/data/mnist.npz --teacher-epochs 10 --epochs 10
 
 References:
   Polino, Pascanu, Alistarh, *Model compression via distillation and
@@ -31,18 +50,74 @@ References:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 import compressax as cx
+from compressax._node import CompressedLeaf
+from compressax._node import compressed_leaf
 from experiments import models as models_lib
 from experiments import train as train_lib
 
 MODULE = "experiments.quantized_distillation"
+METHODS = ("ptq", "ptq_bucket", "qat", "qdistill", "diffquant")
+
+
+@compressed_leaf
+@dataclasses.dataclass(frozen=True)
+class BucketPointsArray(CompressedLeaf):
+  """Codes into per-tensor points in [0, 1], de-scaled per bucket.
+
+  Value ``i`` (flattened, in bucket ``b = i // bucket_size``) is
+  ``points[codes[i]] * alpha[b] + beta[b]``: Polino's differentiable
+  quantization output (``cx.quantize.nearest_point``) stored exactly.
+  """
+  codes: jax.Array
+  points: jax.Array
+  alpha: jax.Array
+  beta: jax.Array
+  bucket_size: int = dataclasses.field(metadata=dict(static=True))
+  shape: tuple = dataclasses.field(metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+
+  def materialize(self) -> jax.Array:
+    n = int(np.prod(self.shape, dtype=np.int64))
+    k = self.bucket_size
+    codes = jnp.pad(self.codes.reshape(-1).astype(jnp.int32), (0, -n % k))
+    vals = self.points[codes.reshape(-1, k)] * self.alpha[:, None] + self.beta[:, None]
+    return vals.reshape(-1)[:n].reshape(self.shape).astype(self.dtype)
+
+  def storage_bits(self) -> int:
+    bits = max(0, math.ceil(math.log2(int(self.points.shape[0]))))
+    return self.size * bits + 32 * (int(self.points.size) + int(self.alpha.size)
+                                    + int(self.beta.size))
+
+
+def points_node(x, points, bucket_size: int) -> BucketPointsArray:
+  """``x`` assigned to its nearest ``points`` (as ``nearest_point``), as a node."""
+  x = jnp.asarray(x)
+  pts = jnp.sort(jnp.asarray(points, jnp.float32))
+  flat = x.reshape(-1).astype(jnp.float32)
+  xb = jnp.pad(flat, (0, -flat.shape[0] % bucket_size), mode="edge")
+  xb = xb.reshape(-1, bucket_size)
+  beta = jnp.min(xb, axis=1, keepdims=True)
+  alpha = jnp.max(xb, axis=1, keepdims=True) - beta
+  alpha = jnp.where(alpha < 1e-10, 1.0, alpha)
+  idx = jnp.searchsorted((pts[:-1] + pts[1:]) / 2, (xb - beta) / alpha, side="left")
+  codes = idx.reshape(-1)[:x.size].reshape(x.shape)
+  return BucketPointsArray(
+      codes=codes.astype(jnp.uint8 if pts.shape[0] <= 256 else jnp.uint16),
+      points=pts, alpha=alpha[:, 0], beta=beta[:, 0], bucket_size=int(bucket_size),
+      shape=tuple(x.shape), dtype=np.dtype(x.dtype))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,19 +130,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                  choices=sorted(models_lib.MODELS))
   p.add_argument("--teacher-epochs", type=int, default=15)
   p.add_argument("--teacher-lr", type=float, default=0.05)
-  p.add_argument("--bits", type=int, default=4, help="bits per student weight")
+  p.add_argument("--bits", type=int, nargs="+", default=[2, 4],
+                 help="bit widths to compare")
   p.add_argument("--bucket-size", type=int, default=256,
-                 help="values per quantization bucket (0: one per tensor)")
+                 help="values per bucket for all bucketed methods")
   p.add_argument("--alpha", type=float, default=0.7,
-                 help="weight of the distillation term (0: plain QAT)")
+                 help="weight of the distillation term")
   p.add_argument("--temperature", type=float, default=2.0)
+  p.add_argument("--dq-epochs", type=int, default=None,
+                 help="epochs of point training (default: --epochs)")
+  p.add_argument("--dq-lr", type=float, default=1e-4,
+                 help="SGD rate of the points (Polino: ~1e-5 on larger nets)")
+  p.add_argument("--dq-init", default="quantiles", choices=["quantiles", "uniform"])
+  p.add_argument("--dq-target", default="self", choices=["self", "teacher"],
+                 help="distill the points from the model's own fp32 copy "
+                      "(paper default) or from the teacher")
   p.add_argument("--no-plot", action="store_true")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
-  if not 1 <= args.bits <= 16:
-    p.error(f"--bits must be in [1, 16], got {args.bits}")
-  if args.bucket_size < 0:
-    p.error("--bucket-size must be >= 0")
+  for b in args.bits:
+    if not 1 <= b <= 8:
+      p.error(f"--bits must be in [1, 8], got {b}")
+  args.bits = sorted(set(args.bits))
+  if args.bucket_size < 1:
+    p.error("--bucket-size must be >= 1")
+  if args.dq_epochs is None:
+    args.dq_epochs = args.epochs
   if args.out is None:
     args.out = train_lib.default_out("quantized_distillation", args)
   return args
@@ -84,82 +172,247 @@ def _log(args, msg):
     print(msg, flush=True)
 
 
-def distillation_loss(model, teacher, teacher_params, args):
-  """``loss_fn(params, x, y, key)`` for :func:`experiments.train.fit`."""
-  bucket = args.bucket_size or None
+def _dropout_apply(model, key):
+  return lambda p, x: model.apply(p, x, train=True, rngs={"dropout": key})
 
+
+def student_loss(model, args, *, bits=None, teacher=None, teacher_params=None):
+  """``loss_fn(params, x, y, key)``: CE or Polino's loss, fp32 or on ``q(w)``."""
   def loss_fn(params, x, y, key):
+    apply_fn = _dropout_apply(model, key)
+    if teacher is None:
+      q = params if bits is None else cx.optim.quantized_params(
+          params, bits, bucket_size=args.bucket_size)
+      return train_lib.cross_entropy(apply_fn(q, x), y)
     t_logits = jax.lax.stop_gradient(teacher.apply(teacher_params, x))
-
-    def apply_fn(p, inputs):
-      return model.apply(p, inputs, train=True, rngs={"dropout": key})
-
+    if bits is None:
+      return jnp.mean(cx.distill.polino_loss(
+          apply_fn(params, x), t_logits, y, alpha=args.alpha,
+          temperature=args.temperature))
     return cx.optim.quantized_distillation_loss(
-        params, apply_fn, x, y, t_logits, bits=args.bits, bucket_size=bucket,
+        params, apply_fn, x, y, t_logits, bits=bits, bucket_size=args.bucket_size,
         alpha=args.alpha, temperature=args.temperature)
   return loss_fn
+
+
+def train_points(model, params, teacher, teacher_params, ds, bits, args):
+  """Differentiable quantization: learn points for fixed ``params``.
+
+  Returns:
+    ``(tree, shift)``: the params with :class:`BucketPointsArray` kernels, and
+    the largest distance any point moved from its initial value.
+  """
+  points = cx.optim.init_points(params, 2 ** bits, method=args.dq_init,
+                                bucket_size=args.bucket_size)
+  start = points
+  # The fixed weights ride along as a zero-update part of the trained tree:
+  # closed over, they would be jit constants that XLA constant-folds (slow).
+  tx = optax.multi_transform(
+      {"points": cx.optim.diff_quant_points(_sgd(args.dq_lr, args.dq_epochs, ds, args)),
+       "fixed": optax.set_to_zero()},
+      lambda t: {"points": jax.tree_util.tree_map(lambda _: "points", t["points"]),
+                 "fixed": jax.tree_util.tree_map(lambda _: "fixed", t["fixed"])})
+
+  def loss_fn(tree, x, y, key):
+    del y, key
+    w = jax.lax.stop_gradient(tree["fixed"])
+    target = (model.apply(w, x) if args.dq_target == "self"
+              else teacher.apply(teacher_params, x))
+    q = cx.optim.points_quantized(w, tree["points"], bucket_size=args.bucket_size)
+    return jnp.mean(cx.distill.kd_loss(model.apply(q, x),
+                                       jax.lax.stop_gradient(target),
+                                       temperature=args.temperature))
+
+  trained, _, _ = train_lib.fit(
+      model, {"points": points, "fixed": params}, tx, ds, epochs=args.dq_epochs,
+      batch_size=args.batch_size, seed=args.seed + 11, quiet=args.quiet,
+      desc=f"diffquant {bits}b", loss_fn=loss_fn, eval_every_epoch=False)
+  points = trained["points"]
+  sel = jax.tree_util.tree_leaves(points)
+  if sel and not all(bool(jnp.all(jnp.isfinite(p))) for p in sel):
+    raise FloatingPointError("diffquant: points diverged; lower --dq-lr")
+  shift = max(float(jnp.max(jnp.abs(p - p0)))
+              for p, p0 in zip(sel, jax.tree_util.tree_leaves(start)))
+  tree = jax.tree_util.tree_map(
+      lambda w, p: w if p is None else points_node(w, p, args.bucket_size),
+      params, points, is_leaf=lambda v: v is None)
+  return tree, shift
+
+
+def comparable_margin(err_a: float, err_b: float, n: int) -> float:
+  """Two binomial standard errors of the mean error, on ``n`` test examples."""
+  p = (err_a + err_b) / 2
+  return 2 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
+
+
+def ordering(runs: list[dict], baselines: dict, n_test: int) -> dict:
+  """Methods sorted by error per bit width and the paper's claims checked.
+
+  "Comparable" means within :func:`comparable_margin`; "beats" means a
+  strictly lower error.
+  """
+  out = {}
+  for bits in sorted({r["bits"] for r in runs}):
+    err = {r["method"]: r["test_error"] for r in runs if r["bits"] == bits}
+    ranked = sorted(err, key=lambda m: (err[m], METHODS.index(m)))
+    margin = comparable_margin(err["qdistill"], err["diffquant"], n_test)
+    claims = {
+        "qdistill_beats_diffquant": err["qdistill"] < err["diffquant"],
+        "qdistill_diffquant_comparable": abs(err["qdistill"] - err["diffquant"]) <= margin,
+        "qdistill_beats_qat": err["qdistill"] < err["qat"],
+    }
+    # The paper's claims: 2 bits -> qdistill beats diffquant; 4 bits -> comparable.
+    paper = ("qdistill_beats_diffquant" if bits <= 2 else
+             "qdistill_diffquant_comparable" if bits >= 4 else None)
+    out[f"{bits}bit"] = {
+        "by_error": [[m, err[m]] for m in ranked],
+        "comparable_margin": margin, "claims": claims,
+        "paper_claim": paper,
+        "paper_claim_holds": None if paper is None else claims[paper],
+    }
+  out["distilled_fp32_beats_fp32"] = (baselines["student_distilled_fp32"]
+                                      < baselines["student_fp32"])
+  return out
+
+
+def plot_bars(path, runs, baselines, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  bit_list = sorted({r["bits"] for r in runs})
+  fig, ax = plt.subplots(figsize=(7, 4))
+  width = 0.8 / len(bit_list)
+  for j, bits in enumerate(bit_list):
+    errs = {r["method"]: r["test_error"] for r in runs if r["bits"] == bits}
+    xs = np.arange(len(METHODS)) + (j - (len(bit_list) - 1) / 2) * width
+    ax.bar(xs, [100 * errs[m] for m in METHODS], width, label=f"{bits} bits")
+  for (name, err), ls in zip(baselines.items(), (":", "--", "-.")):
+    ax.axhline(100 * err, color="k", ls=ls, lw=1, label=f"{name} (fp32)")
+  ax.set_xticks(np.arange(len(METHODS)), METHODS)
+  ax.set_ylabel("test error (%)")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _save_eval(path, tree, model, ds, args) -> tuple[float, int]:
+  cx.io.save(path, tree)
+  err = train_lib.evaluate(model, cx.io.load(path), ds.x_test, ds.y_test,
+                           args.eval_batch_size)
+  return err, os.path.getsize(path)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.time()
   model, ds, init_params = train_lib.setup(args)
-  _log(args, f"Quantized distillation: {args.teacher} -> {args.model} at "
-             f"{args.bits} bits on {args.dataset}")
-  curves = {}
+  _log(args, f"Quantized distillation vs differentiable quantization: "
+             f"{args.teacher} -> {args.model} at {args.bits} bits on {args.dataset}")
+
+  def fit(params, lr, epochs, desc, loss_fn=None, seed=args.seed, m=model):
+    return train_lib.fit(m, params, _sgd(lr, epochs, ds, args), ds, epochs=epochs,
+                         batch_size=args.batch_size, seed=seed, quiet=args.quiet,
+                         desc=desc, loss_fn=loss_fn, eval_every_epoch=False)[0]
+
+  def ev(m, params):
+    return train_lib.evaluate(m, params, ds.x_test, ds.y_test, args.eval_batch_size)
 
   teacher = models_lib.get_model(args.teacher, ds.num_classes)
   teacher_params = models_lib.init(teacher, ds.image_shape,
                                    train_lib.prng_key(args.seed + 7))
-  teacher_params, _, hist = train_lib.fit(
-      teacher, teacher_params, _sgd(args.teacher_lr, args.teacher_epochs, ds, args), ds,
-      epochs=args.teacher_epochs, batch_size=args.batch_size, seed=args.seed + 7,
-      quiet=args.quiet, desc="teacher")
-  curves["teacher"] = hist["test_error"]
-  teacher_error = train_lib.evaluate(teacher, teacher_params, ds.x_test, ds.y_test)
-  _log(args, f"  teacher {args.teacher}: test error {teacher_error:.4f}")
+  teacher_params = fit(teacher_params, args.teacher_lr, args.teacher_epochs,
+                       "teacher", seed=args.seed + 7, m=teacher)
+  baselines = {"teacher": ev(teacher, teacher_params)}
+  base_params = fit(init_params, args.lr, args.epochs, "student fp32",
+                    loss_fn=student_loss(model, args))
+  baselines["student_fp32"] = ev(model, base_params)
+  kd = dict(teacher=teacher, teacher_params=teacher_params)
+  dist_params = fit(init_params, args.lr, args.epochs, "student distilled fp32",
+                    loss_fn=student_loss(model, args, **kd))
+  baselines["student_distilled_fp32"] = ev(model, dist_params)
+  for name, err in baselines.items():
+    _log(args, f"  {name}: test error {err:.4f}")
 
-  base_params, _, hist = train_lib.fit(
-      model, init_params, _sgd(args.lr, args.epochs, ds, args), ds, epochs=args.epochs,
-      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
-      desc="student fp32")
-  curves["student fp32"] = hist["test_error"]
-  baseline_error = train_lib.evaluate(model, base_params, ds.x_test, ds.y_test)
-  _log(args, f"  student {args.model} fp32: test error {baseline_error:.4f}")
+  dense_bytes = 4 * models_lib.param_count(init_params)
+  run_dir = os.path.join(args.out, "runs")
+  os.makedirs(run_dir, exist_ok=True)
+  runs, trees, shifts = [], {}, {}
+  for bits in args.bits:
+    trees[("ptq", bits)] = cx.optim.finalize(base_params, bits)
+    trees[("ptq_bucket", bits)] = cx.optim.finalize(
+        base_params, bits, bucket_size=args.bucket_size)
+    qat = fit(init_params, args.lr, args.epochs, f"qat {bits}b",
+              loss_fn=student_loss(model, args, bits=bits))
+    trees[("qat", bits)] = cx.optim.finalize(qat, bits, bucket_size=args.bucket_size)
+    qd = fit(init_params, args.lr, args.epochs, f"qdistill {bits}b",
+             loss_fn=student_loss(model, args, bits=bits, **kd))
+    trees[("qdistill", bits)] = cx.optim.finalize(qd, bits, bucket_size=args.bucket_size)
+    trees[("diffquant", bits)], shifts[str(bits)] = train_points(
+        model, dist_params, teacher, teacher_params, ds, bits, args)
+    for method in METHODS:
+      path = os.path.join(run_dir, f"{method}-{bits}bit.cx")
+      err, nbytes = _save_eval(path, trees[(method, bits)], model, ds, args)
+      runs.append({"method": method, "bits": bits, "test_error": err,
+                   "file": path, "file_bytes": nbytes, "ratio": dense_bytes / nbytes})
+      _log(args, f"  {method:>10} {bits}b: test error {err:.4f}, {nbytes} bytes")
 
-  params, _, hist = train_lib.fit(
-      model, init_params, _sgd(args.lr, args.epochs, ds, args), ds, epochs=args.epochs,
-      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
-      desc=f"quantized distillation {args.bits}b",
-      loss_fn=distillation_loss(model, teacher, teacher_params, args))
-  curves[f"quantized distillation {args.bits}b"] = hist["test_error"]
-
-  tree = cx.optim.finalize(params, args.bits, bucket_size=args.bucket_size or None)
+  main_bits = 4 if 4 in args.bits else max(args.bits)
+  order = ordering(runs, baselines, len(ds.y_test))
   plot = None
   if not args.no_plot:
-    os.makedirs(args.out, exist_ok=True)
     plot = os.path.join(args.out, "test_error.png")
-    train_lib.plot_curves(plot, curves, title=f"Quantized distillation: {args.model}")
+    plot_bars(plot, runs, baselines, f"{args.teacher} -> {args.model}, {args.dataset}")
   results = train_lib.write_results(
-      args.out, tree, model=model, ds=ds, args=args,
-      baseline_test_error=baseline_error, start_time=start, module=MODULE,
+      args.out, trees[("qdistill", main_bits)], model=model, ds=ds, args=args,
+      baseline_test_error=baselines["student_fp32"], start_time=start, module=MODULE,
       extra={
           "experiment": "quantized_distillation",
-          "teacher": args.teacher, "teacher_test_error": teacher_error,
+          "model_cx_method": f"qdistill-{main_bits}bit",
+          "teacher": args.teacher,
           "teacher_params": models_lib.param_count(teacher_params),
+          "baselines": baselines, "runs": runs, "ordering": order,
           "bits": args.bits, "bucket_size": args.bucket_size,
           "alpha": args.alpha, "temperature": args.temperature,
-          "epochs": {"teacher": args.teacher_epochs, "student": args.epochs},
-          "curves": curves, "plot": plot,
+          "diffquant": {"start": "student_distilled_fp32", "init": args.dq_init,
+                        "target": args.dq_target, "lr": args.dq_lr,
+                        "max_point_shift": shifts,
+                        "points_per_tensor": {str(b): 2 ** b for b in args.bits}},
+          "epochs": {"teacher": args.teacher_epochs, "student": args.epochs,
+                     "diffquant": args.dq_epochs},
+          "plot": plot,
       })
-  print(cx.io.size_report(results["file"]))
-  print(json.dumps({k: v for k, v in results.items()
-                    if k not in ("curves", "size_report")}, indent=1))
-  print(f"wrote {results['file']} ({results['file_bytes']} bytes, "
-        f"{results['ratio']:.1f}x smaller than fp32; test error "
-        f"{results['test_error']:.4f}, fp32 student {baseline_error:.4f}, "
-        f"teacher {teacher_error:.4f})")
+  print(summary_table(results))
   return results
+
+
+def summary_table(results: dict) -> str:
+  """The runs and baselines as a plain-text table, plus the ordering."""
+  lines = [f"{'method':<24}{'bits':>5}{'test error':>12}{'bytes':>10}{'ratio':>8}"]
+  for name, err in results["baselines"].items():
+    lines.append(f"{name:<24}{32:>5}{err:>12.4f}{'':>10}{'':>8}")
+  for r in results["runs"]:
+    lines.append(f"{r['method']:<24}{r['bits']:>5}{r['test_error']:>12.4f}"
+                 f"{r['file_bytes']:>10}{r['ratio']:>8.1f}")
+  for key, o in results["ordering"].items():
+    if isinstance(o, dict):
+      ranked = " < ".join(f"{m} {e:.4f}" for m, e in o["by_error"])
+      lines.append(f"{key}: {ranked}")
+      if o["paper_claim"]:
+        lines.append(f"  paper: {o['paper_claim']} -> "
+                     f"{'holds' if o['paper_claim_holds'] else 'does NOT hold'}"
+                     f" (margin {o['comparable_margin']:.4f})")
+      lines.append(f"  qdistill beats qat: {o['claims']['qdistill_beats_qat']}")
+  lines.append(f"diffquant max point shift from init: "
+               f"{results['diffquant']['max_point_shift']}")
+  lines.append(f"distilled fp32 beats fp32: "
+               f"{results['ordering']['distilled_fp32_beats_fp32']}")
+  lines.append(f"model.cx = {results['model_cx_method']}, test error "
+               f"{results['test_error']:.4f}, {results['file_bytes']} bytes, "
+               f"{results['ratio']:.1f}x; wall {results['wall_time_s']:.0f} s")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

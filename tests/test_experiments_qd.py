@@ -1,0 +1,186 @@
+"""experiments.quantized_distillation: the five-method comparison at 2 and 4 bits.
+
+One tiny run (one epoch per stage, digits) is shared by the smoke checks:
+every run's file agrees with ``results.json`` (bytes, ratio, error
+re-measured with NumPy from the loaded weights), each method's file holds
+the node it should (per-tensor vs bucketed uniform codes, learned points),
+and ``ordering`` follows from the recorded errors.
+"""
+
+import json
+import math
+import os
+
+import hypothesis
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import compressax as cx
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import quantized_distillation as qd
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("qd")
+  res = qd.main(["--teacher-epochs", "1", "--epochs", "1", "--dq-epochs", "1",
+                 "--batch-size", "128", "--bits", "4", "2", "--quiet",
+                 "--no-plot", "--out", str(out)])
+  return out, res
+
+
+def _np_error(dense):
+  model = models_lib.get_model("lenet300")
+  ds = data_lib.load_dataset("digits")
+  pred = np.argmax(np.asarray(model.apply(dense, ds.x_test)), axis=-1)
+  return float(np.mean(pred != ds.y_test))
+
+
+def test_results_agree_with_every_file(smoke):
+  out, res = smoke
+  with open(out / "results.json") as f:
+    saved = json.load(f)
+  assert saved["test_error"] == res["test_error"]
+  for key in ("model", "dataset", "baseline_test_error", "dense_fp32_bytes",
+              "seed", "command"):
+    assert key in saved
+  assert saved["file_bytes"] == os.path.getsize(out / "model.cx")
+  assert saved["model_cx_method"] == "qdistill-4bit"
+  assert saved["baseline_test_error"] == saved["baselines"]["student_fp32"]
+  assert {(r["method"], r["bits"]) for r in saved["runs"]} == {
+      (m, b) for m in qd.METHODS for b in (2, 4)}
+  for r in saved["runs"]:
+    path = out / "runs" / f"{r['method']}-{r['bits']}bit.cx"
+    assert r["file_bytes"] == os.path.getsize(path)
+    assert r["ratio"] == pytest.approx(saved["dense_fp32_bytes"] / r["file_bytes"])
+    assert _np_error(cx.io.load(str(path))) == r["test_error"]
+  qd4 = next(r for r in saved["runs"] if r["method"] == "qdistill" and r["bits"] == 4)
+  assert qd4["test_error"] == saved["test_error"]
+  assert _np_error(cx.io.load(str(out / "model.cx"))) == saved["test_error"]
+
+
+def test_each_method_is_really_quantized(smoke):
+  out, _ = smoke
+  for bits in (2, 4):
+    for method in qd.METHODS:
+      tree = cx.io.load(str(out / "runs" / f"{method}-{bits}bit.cx"),
+                        keep_compressed=True)
+      for layer in ("ip1", "ip2", "ip3"):
+        node = tree["params"][layer]["kernel"]
+        w = np.asarray(node.materialize(), np.float64).reshape(-1)
+        if method == "diffquant":
+          assert isinstance(node, qd.BucketPointsArray)
+          assert node.points.shape == (2 ** bits,) and node.bucket_size == 256
+          pts = np.asarray(node.points, np.float64)
+          assert np.all(np.diff(pts) >= 0) and pts.min() >= 0 and pts.max() <= 1
+        else:
+          assert isinstance(node, cx.quantize.QuantizedArray) and node.bits == bits
+          assert node.bucket_size == (None if method == "ptq" else 256)
+        k = w.size if method == "ptq" else 256
+        for s in range(0, w.size, k):
+          assert len(np.unique(w[s:s + k])) <= 2 ** bits
+        # Biases stay float32 in every method.
+        assert not cx.is_compressed(tree["params"][layer]["bias"])
+
+
+def test_ordering_follows_recorded_errors(smoke):
+  _, res = smoke
+  order = res["ordering"]
+  for bits in (2, 4):
+    o = order[f"{bits}bit"]
+    err = {r["method"]: r["test_error"] for r in res["runs"] if r["bits"] == bits}
+    assert [m for m, _ in o["by_error"]] == sorted(
+        err, key=lambda m: (err[m], qd.METHODS.index(m)))
+    assert all(err[m] == e for m, e in o["by_error"])
+    assert o["claims"]["qdistill_beats_diffquant"] == (err["qdistill"] < err["diffquant"])
+    assert o["claims"]["qdistill_beats_qat"] == (err["qdistill"] < err["qat"])
+    gap = abs(err["qdistill"] - err["diffquant"])
+    assert o["claims"]["qdistill_diffquant_comparable"] == (gap <= o["comparable_margin"])
+  assert order["2bit"]["paper_claim"] == "qdistill_beats_diffquant"
+  assert order["4bit"]["paper_claim"] == "qdistill_diffquant_comparable"
+  for bits in (2, 4):
+    o = order[f"{bits}bit"]
+    assert o["paper_claim_holds"] == o["claims"][o["paper_claim"]]
+  b = res["baselines"]
+  assert order["distilled_fp32_beats_fp32"] == (
+      b["student_distilled_fp32"] < b["student_fp32"])
+
+
+def test_summary_table_lists_every_run(smoke):
+  _, res = smoke
+  table = qd.summary_table(res)
+  for r in res["runs"]:
+    assert f"{r['test_error']:.4f}" in table and str(r["file_bytes"]) in table
+  assert "paper:" in table
+
+
+def _ref_points_quantize(x, points, k):
+  """Polino's rule in float64: scale each bucket to [0,1], nearest point."""
+  flat = np.asarray(x, np.float64).reshape(-1)
+  pts = np.sort(np.asarray(points, np.float64))
+  out = np.empty_like(flat)
+  for s in range(0, flat.size, k):
+    b = flat[s:s + k]
+    lo, a = b.min(), b.max() - b.min()
+    a = 1.0 if a < 1e-10 else a
+    d = np.abs((b - lo)[:, None] / a - pts[None, :])
+    out[s:s + k] = pts[np.argmin(d, axis=1)] * a + lo
+  return out.reshape(np.shape(x))
+
+
+@hypothesis.given(st.sampled_from([5, 256]), st.sampled_from([1, 2, 4]),
+                  st.integers(0, 2 ** 16))
+def test_points_node_matches_nearest_point_and_reference(k, bits, seed):
+  # Fixed shapes (few compilations); 37 x 3 leaves a partial last bucket.
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(37, 3)).astype(np.float32)
+  pts = np.sort(rng.random(2 ** bits)).astype(np.float32)
+  node = qd.points_node(x, pts, k)
+  got = np.asarray(node.materialize())
+  want = np.asarray(cx.quantize.nearest_point(jnp.asarray(x), jnp.asarray(pts),
+                                              bucket_size=k))
+  # Same assignment; the de-scaling may round differently (fused multiply-add).
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, _ref_points_quantize(x, pts, k), rtol=1e-5, atol=1e-5)
+  n_buckets = math.ceil(x.size / k)
+  assert node.storage_bits() == x.size * bits + 32 * (2 ** bits + 2 * n_buckets)
+
+
+def test_points_node_round_trips_through_io(tmp_path):
+  x = np.random.default_rng(0).normal(size=(300, 7)).astype(np.float32)
+  pts = cx.quantize.points_init(x, 8, method="quantiles", bucket_size=256)
+  tree = {"w": qd.points_node(x, pts, 256)}
+  cx.io.save(str(tmp_path / "p.cx"), tree)
+  back = cx.io.load(str(tmp_path / "p.cx"), keep_compressed=True)
+  assert isinstance(back["w"], qd.BucketPointsArray)
+  np.testing.assert_array_equal(np.asarray(back["w"].materialize()),
+                                np.asarray(tree["w"].materialize()))
+
+
+def test_ordering_claims_on_synthetic_errors():
+  runs = [{"method": m, "bits": b, "test_error": e}
+          for b, errs in ((2, (0.5, 0.4, 0.3, 0.1, 0.2)), (4, (0.2, 0.2, 0.1, 0.1, 0.1)))
+          for m, e in zip(qd.METHODS, errs)]
+  o = qd.ordering(runs, {"student_fp32": 0.1, "student_distilled_fp32": 0.05}, 1000)
+  assert [m for m, _ in o["2bit"]["by_error"]] == [
+      "qdistill", "diffquant", "qat", "ptq_bucket", "ptq"]
+  assert o["2bit"]["paper_claim_holds"] is True
+  assert o["4bit"]["paper_claim_holds"] is True
+  # Ties keep the METHODS order.
+  assert [m for m, _ in o["4bit"]["by_error"]][:3] == ["qat", "qdistill", "diffquant"]
+  assert o["4bit"]["claims"]["qdistill_beats_qat"] is False
+  assert o["distilled_fp32_beats_fp32"] is True
+  # Two standard errors at p = 0.1 on 1000 examples.
+  assert qd.comparable_margin(0.1, 0.1, 1000) == pytest.approx(2 * math.sqrt(0.09 / 1000))
+
+
+def test_flag_errors():
+  with pytest.raises(SystemExit):
+    qd.parse_args(["--bits", "0"])
+  with pytest.raises(SystemExit):
+    qd.parse_args(["--bucket-size", "0"])
+  args = qd.parse_args(["--bits", "4", "2", "4", "--epochs", "3"])
+  assert args.bits == [2, 4] and args.dq_epochs == 3
