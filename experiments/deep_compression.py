@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prune-lr", type=float, default=0.01)
   p.add_argument("--share-epochs", type=int, default=5,
                  help="centroid fine-tuning epochs")
+  p.add_argument("--share-init", default="linear",
+                 choices=("linear", "density", "companding"),
+                 help="k-means init of weight sharing (paper: linear)")
   p.add_argument("--share-lr", type=float, default=3e-4,
                  help="centroid learning rate (gradients are cluster sums)")
   p.add_argument("--weight-decay", type=float, default=5e-4,
@@ -191,7 +194,8 @@ def share_and_finetune(model, params, mask, ds, args, curves):
   bits_fn = _bits_for(args.bits)
   tx = cx.optim.prune_fixed(
       cx.optim.weight_sharing(_sgd(args, ds, args.share_lr, args.share_epochs),
-                              bits=bits_fn, mask=mask), mask)
+                              bits=bits_fn, mask=mask,
+                              kmeans_init=args.share_init), mask)
   state = tx.init(params)
   ws = state.inner_state
   snapped = cx.prune.apply_mask(cx.optim.shared_params(params, ws), mask)
