@@ -118,6 +118,16 @@ def test_index_examples_run(tmp_path, monkeypatch):
   _run_blocks("index.md", tmp_path, monkeypatch)
 
 
+def test_readme_example_runs_and_writes_a_real_file(tmp_path, monkeypatch):
+  (block,) = _blocks((ROOT / "README.md").read_text())[:1]
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "readme"}
+  exec(compile(block, "README.md", "exec", dont_inherit=True), namespace)
+  report = cx.size_report(str(tmp_path / "model.cx"))
+  assert report.ratio == pytest.approx(
+      4 * (784 * 300 + 300) / os.path.getsize(tmp_path / "model.cx"))
+
+
 def _notebook(name: str) -> dict:
   path = COLAB / name
   assert path.exists(), f"missing notebook {path}"
