@@ -95,13 +95,7 @@ def _check_leaf(path, x) -> None:
     _checks.fail(path, "low-rank factorization needs a matrix or a conv "
                        f"kernel (ndim >= 2), got shape {tuple(np.shape(x))}; "
                        "exclude 1-D leaves with `where`")
-  # NumPy, not _checks.check_finite: a concrete leaf closed over inside a jit
-  # trace would make jnp.isfinite return a tracer.
-  if _checks.is_concrete(x):
-    bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
-    if bad:
-      _checks.fail(path, f"contains {bad} NaN/Inf value(s); compression needs "
-                         "finite weights")
+  _checks.check_finite(path, x)
 
 
 def _check_rank(path, rank, width: int) -> None:

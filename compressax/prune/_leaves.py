@@ -30,22 +30,8 @@ def dense_value(path, x):
   if is_compressed(x):
     x = x.materialize()
   _checks.check_floating(path, x)
-  check_finite(path, x)
+  _checks.check_finite(path, x)
   return x
-
-
-def check_finite(path, x) -> None:
-  """NaN/Inf weights are an error (concrete leaves only).
-
-  Checked in NumPy: ``_checks.check_finite`` uses ``jnp`` ops, which are
-  staged (and so cannot be read) when a concrete leaf is closed over in jit.
-  """
-  if not _checks.is_concrete(x):
-    return
-  a = np.asarray(x)
-  if a.size and not np.isfinite(a).all():
-    n = int(np.size(a) - np.isfinite(a).sum())
-    _checks.fail(path, f"contains {n} NaN/Inf value(s); compression needs finite weights")
 
 
 def flat_selection(params, where):
