@@ -51,9 +51,7 @@ import numpy as np
 import optax
 
 import compressax as cx
-from experiments import models as models_lib
 from experiments import train as train_lib
-from experiments.lowrank import saved_run
 
 MODULE = "experiments.diffq"
 
@@ -238,7 +236,7 @@ def main(argv=None) -> dict:
         tree = run_qat(model, params, ds, value, where, args)
         entry = {"method": "qat", "bits": value}
         name = f"qat-{value}bit.cx"
-      run = saved_run(os.path.join(args.out, "runs", name), tree, model, ds, args)
+      run = train_lib.saved_run(os.path.join(args.out, "runs", name), tree, model, ds, args)
       entry.update(mean_bits=mean_bits(tree), **run)
       runs.append(entry)
       bar.update(1)

@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import compressax as cx
-from experiments import models as models_lib
 from experiments import train as train_lib
 
 MODULE = "experiments.lowrank"
@@ -99,24 +98,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _log(args, msg):
   if not args.quiet:
     print(msg, flush=True)
-
-
-def saved_run(path: str, tree, model, ds, args) -> dict:
-  """Save ``tree`` to ``path``, reload it, and measure what the file holds.
-
-  Returns:
-    ``file``, ``file_bytes`` (``os.path.getsize``), ``dense_fp32_bytes``,
-    ``ratio`` and ``test_error`` of the weights decoded by ``cx.io.load``.
-  """
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  cx.io.save(path, tree)
-  loaded = cx.io.load(path)
-  file_bytes = os.path.getsize(path)
-  dense = 4 * models_lib.param_count(loaded)
-  return {"file": path, "file_bytes": file_bytes, "dense_fp32_bytes": dense,
-          "ratio": dense / file_bytes,
-          "test_error": train_lib.evaluate(model, loaded, ds.x_test, ds.y_test,
-                                           args.eval_batch_size)}
 
 
 def _bsr_eval_fn(model, ds, args):
@@ -213,8 +194,9 @@ def main(argv=None) -> dict:
           model, tree, tx, ds, epochs=args.finetune_epochs,
           batch_size=args.batch_size, seed=args.seed + 1, quiet=True,
           eval_every_epoch=False)
-      run = saved_run(os.path.join(args.out, "runs", f"{method}-{budget:g}.cx"),
-                      tree, model, ds, args)
+      run = train_lib.saved_run(
+          os.path.join(args.out, "runs", f"{method}-{budget:g}.cx"),
+          tree, model, ds, args)
       runs.append({"method": method, "budget": budget, "ranks": ranks,
                    "kept_fraction": kept_fraction(ranks, params),
                    "test_error_before_finetune": before, **run})

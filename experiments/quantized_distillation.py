@@ -299,10 +299,8 @@ def plot_bars(path, runs, baselines, title):
 
 
 def _save_eval(path, tree, model, ds, args) -> tuple[float, int]:
-  cx.io.save(path, tree)
-  err = train_lib.evaluate(model, cx.io.load(path), ds.x_test, ds.y_test,
-                           args.eval_batch_size)
-  return err, os.path.getsize(path)
+  run = train_lib.saved_run(path, tree, model, ds, args)
+  return run["test_error"], run["file_bytes"]
 
 
 def main(argv=None) -> dict:

@@ -237,6 +237,25 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
   return shlex.join(["python", "-m", module, *argv])
 
 
+def saved_run(path: str, tree: PyTree, model, ds: data_lib.Dataset,
+              args: argparse.Namespace) -> dict:
+  """Save ``tree`` to ``path``, reload it, and measure what the file holds.
+
+  Returns:
+    ``file``, ``file_bytes`` (``os.path.getsize``), ``dense_fp32_bytes``,
+    ``ratio`` and ``test_error`` of the weights decoded by ``cx.io.load``.
+  """
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  cx.io.save(path, tree)
+  loaded = cx.io.load(path)
+  file_bytes = os.path.getsize(path)
+  dense = 4 * models_lib.param_count(loaded)
+  return {"file": path, "file_bytes": file_bytes, "dense_fp32_bytes": dense,
+          "ratio": dense / file_bytes,
+          "test_error": evaluate(model, loaded, ds.x_test, ds.y_test,
+                                 args.eval_batch_size)}
+
+
 def write_results(out_dir: str, tree: PyTree, *, model, ds: data_lib.Dataset,
                   args: argparse.Namespace, baseline_test_error: float,
                   start_time: float, module: str,
@@ -259,21 +278,17 @@ def write_results(out_dir: str, tree: PyTree, *, model, ds: data_lib.Dataset,
   """
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "model.cx")
-  cx.io.save(path, tree)
-  loaded = cx.io.load(path)
-  test_error = evaluate(model, loaded, ds.x_test, ds.y_test, args.eval_batch_size)
-  file_bytes = os.path.getsize(path)
-  dense_fp32_bytes = 4 * models_lib.param_count(cx.materialize(loaded))
+  run = saved_run(path, tree, model, ds, args)
   report = cx.io.size_report(path)
   results = {
       "model": args.model,
       "dataset": args.dataset,
-      "test_error": test_error,
+      "test_error": run["test_error"],
       "baseline_test_error": float(baseline_test_error),
       "file": path,
-      "file_bytes": file_bytes,
-      "dense_fp32_bytes": dense_fp32_bytes,
-      "ratio": dense_fp32_bytes / file_bytes,
+      "file_bytes": run["file_bytes"],
+      "dense_fp32_bytes": run["dense_fp32_bytes"],
+      "ratio": run["ratio"],
       "seed": args.seed,
       "command": command_line(module, getattr(args, "argv", None)),
       "wall_time_s": time.time() - start_time,
