@@ -107,6 +107,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="centroid learning rate (gradients are cluster sums)")
   p.add_argument("--weight-decay", type=float, default=5e-4,
                  help="L2 weight decay of the baseline and pruning stages")
+  p.add_argument("--distill-alpha", type=float, default=0.0,
+                 help="retrain the pruned and shared model against the dense "
+                      "baseline's logits: loss = alpha * KD + (1 - alpha) * CE "
+                      "(cx.distill.polino_loss; 0, the paper: plain CE)")
+  p.add_argument("--distill-temperature", type=float, default=4.0,
+                 help="softmax temperature of --distill-alpha")
+  p.add_argument("--bias-bits", type=int, default=0,
+                 help="store the unpruned leaves (biases) as affine uniform "
+                      "codes of this many bits (cx.quantize.quantize); 0, the "
+                      "paper: float32")
   p.add_argument("--constant-lr", action="store_true",
                  help="no cosine decay of the learning rate within a stage")
   p.add_argument("--no-plot", action="store_true")
@@ -121,6 +131,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--keep: kept fraction of {name!r} must be in (0, 1], got {k}")
   if args.prune_iters < 1:
     p.error("--prune-iters must be >= 1")
+  if not 0.0 <= args.distill_alpha <= 1.0:
+    p.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+  if args.distill_temperature <= 0:
+    p.error(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+  if not (args.bias_bits == 0 or 2 <= args.bias_bits <= 16):
+    p.error(f"--bias-bits must be 0 (float32) or in [2, 16], got {args.bias_bits}")
   if args.out is None:
     args.out = train_lib.default_out("deep_compression", args)
   return args
@@ -146,12 +162,45 @@ def _bits_for(bits: dict):
   return fn
 
 
+def distill_loss(model, teacher_params, args):
+  """The retraining loss against the dense baseline (None: plain CE).
+
+  ``cx.distill.polino_loss`` of the student's logits and the frozen
+  teacher's (the trained dense baseline of this run), averaged over the batch.
+  """
+  if not args.distill_alpha:
+    return None
+  teacher = jax.lax.stop_gradient(teacher_params)
+
+  def loss_fn(params, x, y, key):
+    rngs = {"dropout": key}
+    student = model.apply(cx.materialize(params), x, train=True, rngs=rngs)
+    target = model.apply(teacher, x, train=False)
+    return cx.distill.polino_loss(
+        student, target, y, alpha=args.distill_alpha,
+        temperature=args.distill_temperature).mean()
+  return loss_fn
+
+
+def quantize_biases(tree, bits: int):
+  """Unpruned float leaves (biases) -> ``cx.quantize.QuantizedArray``."""
+  if not bits:
+    return tree
+
+  def leaf(x):
+    if isinstance(x, cx.CompressedLeaf) or np.size(x) < 2:
+      return x
+    return cx.quantize.quantize(x, bits)
+  return jax.tree_util.tree_map(leaf, tree,
+                                is_leaf=lambda x: isinstance(x, cx.CompressedLeaf))
+
+
 def _log(args, msg):
   if not args.quiet:
     print(msg, flush=True)
 
 
-def prune_and_retrain(model, params, ds, args, curves):
+def prune_and_retrain(model, params, ds, args, curves, loss_fn=None):
   """Stage 1: reach the per-layer kept fractions in ``--prune-iters`` rounds.
 
   Round ``i`` keeps ``keep ** (i / n)`` of each layer (a geometric path to the
@@ -175,7 +224,8 @@ def prune_and_retrain(model, params, ds, args, curves):
         cx.optim.prune_fixed(
             _sgd(args, ds, args.prune_lr, epochs[i], args.weight_decay), mask), ds,
         epochs=epochs[i], batch_size=args.batch_size, seed=args.seed + 1 + i,
-        quiet=args.quiet, desc=f"prune {i + 1}/{args.prune_iters}")
+        quiet=args.quiet, desc=f"prune {i + 1}/{args.prune_iters}",
+        loss_fn=loss_fn)
     curves[f"prune {i + 1}"] = hist["test_error"]
   return params, mask
 
@@ -185,7 +235,7 @@ def _kept(mask) -> float:
   return stats["kept"] / max(1, stats["size"])
 
 
-def share_and_finetune(model, params, mask, ds, args, curves):
+def share_and_finetune(model, params, mask, ds, args, curves, loss_fn=None):
   """Stage 2: k-means weight sharing, then centroid training under the mask.
 
   Returns the compressed tree: ``MaskedArray(CodebookArray)`` at every shared
@@ -203,7 +253,8 @@ def share_and_finetune(model, params, mask, ds, args, curves):
   _log(args, f"  weight sharing: error after k-means {err:.4f}")
   params, state, hist = train_lib.fit(
       model, params, tx, ds, epochs=args.share_epochs, batch_size=args.batch_size,
-      seed=args.seed + 100, quiet=args.quiet, desc="share", opt_state=state)
+      seed=args.seed + 100, quiet=args.quiet, desc="share", opt_state=state,
+      loss_fn=loss_fn)
   curves["share"] = hist["test_error"]
   ws = state.inner_state
 
@@ -230,11 +281,14 @@ def main(argv=None) -> dict:
   baseline_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
   _log(args, f"  baseline: test error {baseline_error:.4f}")
 
-  params, mask = prune_and_retrain(model, params, ds, args, curves)
+  loss_fn = distill_loss(model, params, args)
+  params, mask = prune_and_retrain(model, params, ds, args, curves, loss_fn)
   pruned_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
   _log(args, f"  pruned + retrained: test error {pruned_error:.4f}")
 
-  tree, kmeans_error = share_and_finetune(model, params, mask, ds, args, curves)
+  tree, kmeans_error = share_and_finetune(model, params, mask, ds, args, curves,
+                                          loss_fn)
+  tree = quantize_biases(tree, args.bias_bits)
 
   os.makedirs(args.out, exist_ok=True)
   plot = None
@@ -250,6 +304,10 @@ def main(argv=None) -> dict:
           "pruned_test_error": pruned_error,
           "kmeans_test_error": kmeans_error,
           "keep": args.keep, "bits": args.bits,
+          "distill": ({"alpha": args.distill_alpha,
+                       "temperature": args.distill_temperature}
+                      if args.distill_alpha else None),
+          "bias_bits": args.bias_bits or None,
           "kept_fraction": stats["global"]["kept"] / stats["global"]["size"],
           "kept_per_layer": {k: v["kept"] / v["size"]
                              for k, v in stats["leaves"].items()},

@@ -229,12 +229,59 @@ def test_deep_compression_smoke_results_agree_with_file(tmp_path, capsys):
     assert len(np.unique(w[w != 0])) <= 2 ** 6
 
 
+def test_deep_compression_distill_and_bias_bits(tmp_path):
+  import compressax as cx
+  from experiments import deep_compression
+
+  out = tmp_path / "dcd"
+  res = deep_compression.main([
+      "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
+      "--share-epochs", "1", "--distill-alpha", "0.7", "--bias-bits", "6",
+      "--quiet", "--no-plot", "--out", str(out)])
+  assert res["distill"] == {"alpha": 0.7, "temperature": 4.0}
+  assert res["bias_bits"] == 6
+  raw = cx.io.load(str(out / "model.cx"), keep_compressed=True)
+  dense = cx.io.load(str(out / "model.cx"))
+  for layer in ("ip1", "ip2", "ip3"):
+    node = raw["params"][layer]["bias"]
+    assert isinstance(node, cx.quantize.QuantizedArray) and node.bits == 6
+    b = np.asarray(dense["params"][layer]["bias"], np.float64)
+    # Affine 6-bit codes: at most 64 levels, error at most half a step.
+    assert len(np.unique(b)) <= 2 ** 6
+  model = models_lib.get_model("lenet300")
+  ds = data_lib.load_dataset("digits")
+  assert train_lib.evaluate(model, dense, ds.x_test, ds.y_test) == res["test_error"]
+
+
+def test_deep_compression_distill_loss_is_polino_loss_against_baseline():
+  from experiments import deep_compression
+  import compressax as cx
+  model = models_lib.get_model("lenet300")
+  ds = data_lib.load_dataset("digits")
+  t = models_lib.init(model, ds.image_shape, jax.random.key(0))
+  s = models_lib.init(model, ds.image_shape, jax.random.key(1))
+  args = deep_compression.parse_args(["--distill-alpha", "0.5",
+                                      "--distill-temperature", "3"])
+  loss_fn = deep_compression.distill_loss(model, t, args)
+  x, y = ds.x_train[:16], ds.y_train[:16]
+  want = cx.distill.polino_loss(model.apply(s, x), model.apply(t, x), y,
+                                alpha=0.5, temperature=3.0).mean()
+  got = loss_fn(s, x, y, jax.random.key(2))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  assert deep_compression.distill_loss(
+      model, t, deep_compression.parse_args([])) is None
+
+
 def test_deep_compression_flag_errors():
   from experiments import deep_compression
   with pytest.raises(argparse.ArgumentTypeError, match="--keep.*LAYER=VALUE"):
     deep_compression.parse_args(["--keep", "ip1"])
   with pytest.raises(SystemExit):
     deep_compression.parse_args(["--keep", "ip1=1.5"])
+  for bad in (["--distill-alpha", "1.5"], ["--distill-temperature", "0"],
+              ["--bias-bits", "1"], ["--bias-bits", "17"]):
+    with pytest.raises(SystemExit):
+      deep_compression.parse_args(bad)
   args = deep_compression.parse_args(["--model", "lenet5", "--bits", "conv=7,ip=4"])
   assert args.bits == {"conv": 7, "ip": 4} and args.keep["conv1"] == 0.66
 
