@@ -56,10 +56,12 @@ def test_matches_numpy_reference_loop():
     params = optax.apply_updates(params, u)
     for name in ("a", "b"):
       w, gw = ref[name]["kernel"], np.asarray(g[name]["kernel"])
-      after = np.where(masks[name], w - np.float32(lr) * np.where(
-          masks[name], gw, 0), 0).astype(np.float32)
+      # A mask update ranks the weights as the step begins, then applies to
+      # this step's gradient and update.
       if t0 <= t <= t1 and (t - t0) % dt == 0:
-        masks[name] = _topk_mask(after, _schedule(t, 0.0, s_f, t0, t1, dt))
+        masks[name] = _topk_mask(np.where(masks[name], w, 0),
+                                 _schedule(t, 0.0, s_f, t0, t1, dt))
+      after = w - np.float32(lr) * np.where(masks[name], gw, 0)
       ref[name]["kernel"] = np.where(masks[name], after, 0).astype(np.float32)
       got = np.asarray(params[name]["kernel"])
       np.testing.assert_array_equal(state.masks[name]["kernel"], masks[name])

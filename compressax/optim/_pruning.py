@@ -7,10 +7,11 @@ params *exactly* zero where the mask is off after a single
 needed (unlike jaxpruner, whose optimizer wrapper leaves the masking to a
 second call).
 
-Pruned weights get a zero gradient before the inner transform, so momentum
-and Adam moments do not build up behind the mask, and a recomputed mask is
-taken from the weights as they will be after this step (pruned ones at zero),
-so a pruned weight never comes back while the sparsity grows.
+A mask update at step ``t`` ranks the weights as they are when step ``t``
+begins (pruned ones held at zero, so a pruned weight never comes back while
+the sparsity grows) and applies at once: step ``t``'s gradient is masked with
+it, so momentum and Adam moments do not build up behind the mask, and its
+update zeroes the newly pruned weights.
 
 References:
   Zhu, Gupta, *To prune, or not to prune: exploring the efficacy of pruning
@@ -74,18 +75,18 @@ def _masked_training(inner, name: str, initial_masks: Callable[[Any], Any],
   def update(updates, state, params=None, **extra_args):
     _base.require_params(params, name)
     tm = jax.tree_util.tree_map
-    grads = tm(_keep, state.masks, updates)
-    inner_u, inner_state = inner.update(grads, state.inner_state, params,
-                                        **extra_args)
     masks = state.masks
     if is_update is not None:
-      def recompute():
-        # The weights this step would produce, with pruned ones held at zero.
-        after = tm(lambda m, p, u: _keep(m, (p + u).astype(p.dtype)),
-                   state.masks, params, inner_u)
-        return new_masks(after, state.count)
-      masks = jax.lax.cond(is_update(state.count), recompute,
-                           lambda: state.masks)
+      # From the weights as they are (pruned ones already zero). Deciding the
+      # mask before the inner update keeps the cond small: the gradient, the
+      # inner update and the final `where` then fuse into one pass per leaf.
+      masks = jax.lax.cond(
+          is_update(state.count),
+          lambda: new_masks(tm(_keep, state.masks, params), state.count),
+          lambda: state.masks)
+    grads = tm(_keep, masks, updates)
+    inner_u, inner_state = inner.update(grads, state.inner_state, params,
+                                        **extra_args)
     out = tm(lambda m, p, u: jnp.where(m, u.astype(p.dtype), -p),
              masks, params, inner_u)
     return out, PruneState(state.count + 1, masks, inner_state)

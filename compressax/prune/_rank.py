@@ -31,8 +31,10 @@ from jax import lax
 from compressax import _checks
 
 _INT_MAX = int(np.iinfo(np.int32).max)
-# Above this many keys the threshold is found by bisection instead of a sort.
-SORT_LIMIT = 1 << 22
+# Above this many keys the threshold is found by bisection instead of a sort:
+# on CPU the 32 counting passes beat XLA's sort from about 16k keys on (235k
+# keys: 1.4 ms vs 10 ms), and they need no copy of the keys.
+SORT_LIMIT = 1 << 14
 # Relative tolerance under which a traced float32 s*n is taken as an integer.
 _TRACED_TOL = 2.0 ** -20
 
