@@ -237,6 +237,31 @@ def test_gradients_flow_to_logits_and_params():
                              2 * np.asarray(noisy)[inner], rtol=1e-5)
 
 
+@hypothesis.settings(max_examples=20)
+@hypothesis.given(seed=st.integers(0, 2 ** 16), ties=st.integers(0, 3),
+                  shape=st.sampled_from([(1,), (5, 7), (40, 50), (3, 2, 6)]))
+def test_noise_scale_gradient_is_max_minus_min_rule_with_ties(seed, ties, shape):
+  # The hand-written backward pass must equal JAX's own max/min rule, which
+  # shares the gradient equally among tied extremes.
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
+  for _ in range(ties):  # copy the extremes elsewhere
+    x[rng.integers(x.size)] = x.max()
+    x[rng.integers(x.size)] = x.min()
+  x = jnp.asarray(x.reshape(shape))
+  bits = jnp.full(shape, 3.5, jnp.float32)
+
+  def ours(x):
+    return jnp.sum(jnp.cos(x) * cx.diffq.noise_scale(x, bits))
+
+  def reference(x):
+    return jnp.sum(jnp.cos(x) * (jnp.max(x) - jnp.min(x))
+                   / (jnp.exp2(bits) - 1.0))
+
+  np.testing.assert_allclose(jax.jit(jax.grad(ours))(x),
+                             jax.grad(reference)(x), rtol=2e-6, atol=1e-6)
+
+
 @hypothesis.settings(max_examples=15)
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   shape=st.sampled_from([(1, 1), (4, 4), (7, 5), (3, 2, 6)]),

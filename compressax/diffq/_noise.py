@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from compressax.diffq import _bits
+from compressax.prune import _rank
 
 __all__ = ["noise_scale", "noisy"]
 
@@ -68,14 +69,41 @@ def _uniform(seeds, shape, offset: int = 0) -> jax.Array:
   return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
 
 
+@jax.custom_vjp
+def _value_range(x):
+  return jnp.max(x) - jnp.min(x)
+
+
+def _value_range_fwd(x):
+  hi, lo = jnp.max(x), jnp.min(x)
+  return hi - lo, (x, hi, lo)
+
+
+def _value_range_bwd(res, g):
+  # The gradient of max/min, shared equally among tied entries, as
+  # `jnp.max`'s own rule. Written by hand because that rule builds the float
+  # tie indicators in the forward pass and keeps them for the backward: two
+  # full-size arrays written per tensor, which cost more than the noise.
+  x, hi, lo = res
+  at_hi, at_lo = x == hi, x == lo
+  n_hi = _rank.count(at_hi.reshape(-1)).astype(jnp.float32)
+  n_lo = _rank.count(at_lo.reshape(-1)).astype(jnp.float32)
+  zero = jnp.zeros_like(x)
+  return (jnp.where(at_hi, g / n_hi, zero) - jnp.where(at_lo, g / n_lo, zero),)
+
+
+_value_range.defvjp(_value_range_fwd, _value_range_bwd)
+
+
 def noise_scale(x, bits) -> jax.Array:
   """DiffQ's step ``Delta = (max W - min W) / (2^bits - 1)``, float32.
 
   The range is taken over the whole tensor ``x``; ``bits`` broadcasts against
-  it (e.g. per-weight bits from the groups).
+  it (e.g. per-weight bits from the groups). Differentiable in ``x`` as
+  ``jnp.max - jnp.min`` (ties share the gradient equally) and in ``bits``.
   """
   x = jnp.asarray(x).astype(jnp.float32)
-  return (jnp.max(x) - jnp.min(x)) / (jnp.exp2(bits) - 1.0)
+  return _value_range(x) / (jnp.exp2(bits) - 1.0)
 
 
 def noisy(params, logits, key, *, group_size: int = 16, b_min: float = 2,
