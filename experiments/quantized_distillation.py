@@ -21,12 +21,12 @@ quantized student, saved to ``DIR/runs/METHOD-{bits}bit.cx`` with
   fp32 copy; ``--dq-target teacher`` distills from the teacher instead.
   Points are trained by SGD with Nesterov momentum 0.9.
 
-Storage of ``diffquant``: no library node holds non-uniform points with
-per-bucket scales, so this module registers :class:`BucketPointsArray`
-(uint codes, the tensor's float32 points, and float32 ``alpha``/``beta`` per
-bucket; ``numel * ceil(log2 K) + 32 K + 64 * buckets`` bits before the file's
-entropy coding). Loading such a file needs this module imported. Biases stay
-float32 in every method (the library's default selection: weight matrices).
+Storage of ``diffquant``: ``cx.quantize.quantize_points`` stores each
+kernel as a ``cx.quantize.PointsArray`` (uint codes, the tensor's float32
+points, and float32 ``alpha``/``beta`` per bucket; ``numel * ceil(log2 K) +
+32 K + 64 * buckets`` bits before the file's entropy coding), whose
+``materialize()`` equals ``nearest_point`` bit for bit. Biases stay float32
+in every method (the library's default selection: weight matrices).
 
 Also trained, errors only: ``teacher``, ``student_fp32`` (the
 ``baseline_test_error``) and ``student_distilled_fp32``. ``results.json``
@@ -50,8 +50,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 import sys
@@ -63,61 +61,11 @@ import numpy as np
 import optax
 
 import compressax as cx
-from compressax._node import CompressedLeaf
-from compressax._node import compressed_leaf
 from experiments import models as models_lib
 from experiments import train as train_lib
 
 MODULE = "experiments.quantized_distillation"
 METHODS = ("ptq", "ptq_bucket", "qat", "qdistill", "diffquant")
-
-
-@compressed_leaf
-@dataclasses.dataclass(frozen=True)
-class BucketPointsArray(CompressedLeaf):
-  """Codes into per-tensor points in [0, 1], de-scaled per bucket.
-
-  Value ``i`` (flattened, in bucket ``b = i // bucket_size``) is
-  ``points[codes[i]] * alpha[b] + beta[b]``: Polino's differentiable
-  quantization output (``cx.quantize.nearest_point``) stored exactly.
-  """
-  codes: jax.Array
-  points: jax.Array
-  alpha: jax.Array
-  beta: jax.Array
-  bucket_size: int = dataclasses.field(metadata=dict(static=True))
-  shape: tuple = dataclasses.field(metadata=dict(static=True))
-  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
-
-  def materialize(self) -> jax.Array:
-    n = int(np.prod(self.shape, dtype=np.int64))
-    k = self.bucket_size
-    codes = jnp.pad(self.codes.reshape(-1).astype(jnp.int32), (0, -n % k))
-    vals = self.points[codes.reshape(-1, k)] * self.alpha[:, None] + self.beta[:, None]
-    return vals.reshape(-1)[:n].reshape(self.shape).astype(self.dtype)
-
-  def storage_bits(self) -> int:
-    bits = max(0, math.ceil(math.log2(int(self.points.shape[0]))))
-    return self.size * bits + 32 * (int(self.points.size) + int(self.alpha.size)
-                                    + int(self.beta.size))
-
-
-def points_node(x, points, bucket_size: int) -> BucketPointsArray:
-  """``x`` assigned to its nearest ``points`` (as ``nearest_point``), as a node."""
-  x = jnp.asarray(x)
-  pts = jnp.sort(jnp.asarray(points, jnp.float32))
-  flat = x.reshape(-1).astype(jnp.float32)
-  xb = jnp.pad(flat, (0, -flat.shape[0] % bucket_size), mode="edge")
-  xb = xb.reshape(-1, bucket_size)
-  beta = jnp.min(xb, axis=1, keepdims=True)
-  alpha = jnp.max(xb, axis=1, keepdims=True) - beta
-  alpha = jnp.where(alpha < 1e-10, 1.0, alpha)
-  idx = jnp.searchsorted((pts[:-1] + pts[1:]) / 2, (xb - beta) / alpha, side="left")
-  codes = idx.reshape(-1)[:x.size].reshape(x.shape)
-  return BucketPointsArray(
-      codes=codes.astype(jnp.uint8 if pts.shape[0] <= 256 else jnp.uint16),
-      points=pts, alpha=alpha[:, 0], beta=beta[:, 0], bucket_size=int(bucket_size),
-      shape=tuple(x.shape), dtype=np.dtype(x.dtype))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,7 +147,7 @@ def train_points(model, params, teacher, teacher_params, ds, bits, args):
   """Differentiable quantization: learn points for fixed ``params``.
 
   Returns:
-    ``(tree, shift)``: the params with :class:`BucketPointsArray` kernels, and
+    ``(tree, shift)``: the params with ``cx.quantize.PointsArray`` kernels, and
     the largest distance any point moved from its initial value.
   """
   points = cx.optim.init_points(params, 2 ** bits, method=args.dq_init,
@@ -233,8 +181,9 @@ def train_points(model, params, teacher, teacher_params, ds, bits, args):
     raise FloatingPointError("diffquant: points diverged; lower --dq-lr")
   shift = max(float(jnp.max(jnp.abs(p - p0)))
               for p, p0 in zip(sel, jax.tree_util.tree_leaves(start)))
-  tree = jax.tree_util.tree_map(
-      lambda w, p: w if p is None else points_node(w, p, args.bucket_size),
+  tree = jax.tree_util.tree_map_with_path(
+      lambda kp, w, p: w if p is None else cx.quantize.quantize_points(
+          w, p, bucket_size=args.bucket_size, path=kp),
       params, points, is_leaf=lambda v: v is None)
   return tree, shift
 

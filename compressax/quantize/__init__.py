@@ -5,12 +5,14 @@ from compressax.quantize import _apply
 from compressax.quantize import _codebook
 from compressax.quantize import _kmeans
 from compressax.quantize import _lsq
+from compressax.quantize import _points
 from compressax.quantize import _uniform
 from compressax.quantize._apply import *  # noqa: F401,F403
 from compressax.quantize._codebook import *  # noqa: F401,F403
 from compressax.quantize._kmeans import *  # noqa: F401,F403
 from compressax.quantize._lsq import *  # noqa: F401,F403
+from compressax.quantize._points import *  # noqa: F401,F403
 from compressax.quantize._uniform import *  # noqa: F401,F403
 
 __all__ = (_uniform.__all__ + _apply.__all__ + _lsq.__all__ + _kmeans.__all__
-           + _codebook.__all__)
+           + _codebook.__all__ + _points.__all__)
