@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--share-epochs", type=int, default=5,
                  help="centroid fine-tuning epochs")
   p.add_argument("--share-init", default="linear",
-                 choices=("linear", "density", "companding"),
-                 help="k-means init of weight sharing (paper: linear)")
+                 help="k-means init of weight sharing: linear (the paper's), "
+                      "density or companding, or per layer regex, e.g. "
+                      "'ip1=companding,ip=linear' (first match wins)")
   p.add_argument("--share-lr", type=float, default=3e-4,
                  help="centroid learning rate (gradients are cluster sums)")
   p.add_argument("--weight-decay", type=float, default=5e-4,
@@ -126,6 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                else KEEP[args.model])
   args.bits = (_parse_layer_map(args.bits, int, "--bits") if args.bits
                else BITS[args.model])
+  inits = ("linear", "density", "companding")
+  if "=" in args.share_init:
+    args.share_init = _parse_layer_map(args.share_init, str, "--share-init")
+    bad = {k: v for k, v in args.share_init.items() if v not in inits}
+  else:
+    bad = {} if args.share_init in inits else {"": args.share_init}
+  if bad:
+    p.error(f"--share-init: unknown init {bad}; choose from {inits}")
   for name, k in args.keep.items():
     if not 0.0 < k <= 1.0:
       p.error(f"--keep: kept fraction of {name!r} must be in (0, 1], got {k}")
@@ -149,16 +158,16 @@ def _sgd(args, ds, lr, epochs, weight_decay=0.0):
                        decay_steps=None if args.constant_lr else steps)
 
 
-def _bits_for(bits: dict):
-  """``(path, leaf) -> bits`` from the first matching layer regex."""
-  compiled = [(re.compile(k), v) for k, v in bits.items()]
+def _by_layer(table: dict, flag: str):
+  """``(path, leaf) -> value`` from the first matching layer regex."""
+  compiled = [(re.compile(k), v) for k, v in table.items()]
 
   def fn(path, leaf):
     for rx, b in compiled:
       if rx.search(path):
         return b
-    raise ValueError(f"{path}: no --bits entry matches this layer "
-                     f"(have {list(bits)})")
+    raise ValueError(f"{path}: no {flag} entry matches this layer "
+                     f"(have {list(table)})")
   return fn
 
 
@@ -241,11 +250,13 @@ def share_and_finetune(model, params, mask, ds, args, curves, loss_fn=None):
   Returns the compressed tree: ``MaskedArray(CodebookArray)`` at every shared
   layer, biases dense.
   """
-  bits_fn = _bits_for(args.bits)
+  bits_fn = _by_layer(args.bits, "--bits")
+  init = (_by_layer(args.share_init, "--share-init")
+          if isinstance(args.share_init, dict) else args.share_init)
   tx = cx.optim.prune_fixed(
       cx.optim.weight_sharing(_sgd(args, ds, args.share_lr, args.share_epochs),
                               bits=bits_fn, mask=mask,
-                              kmeans_init=args.share_init), mask)
+                              kmeans_init=init), mask)
   state = tx.init(params)
   ws = state.inner_state
   snapped = cx.prune.apply_mask(cx.optim.shared_params(params, ws), mask)
@@ -308,6 +319,7 @@ def main(argv=None) -> dict:
                        "temperature": args.distill_temperature}
                       if args.distill_alpha else None),
           "bias_bits": args.bias_bits or None,
+          "share_init": args.share_init,
           "kept_fraction": stats["global"]["kept"] / stats["global"]["size"],
           "kept_per_layer": {k: v["kept"] / v["size"]
                              for k, v in stats["leaves"].items()},

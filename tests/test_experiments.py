@@ -237,8 +237,10 @@ def test_deep_compression_distill_and_bias_bits(tmp_path):
   res = deep_compression.main([
       "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
       "--share-epochs", "1", "--distill-alpha", "0.7", "--bias-bits", "6",
+      "--share-init", "ip1=companding,ip=linear",
       "--quiet", "--no-plot", "--out", str(out)])
   assert res["distill"] == {"alpha": 0.7, "temperature": 4.0}
+  assert res["share_init"] == {"ip1": "companding", "ip": "linear"}
   assert res["bias_bits"] == 6
   raw = cx.io.load(str(out / "model.cx"), keep_compressed=True)
   dense = cx.io.load(str(out / "model.cx"))
@@ -279,11 +281,14 @@ def test_deep_compression_flag_errors():
   with pytest.raises(SystemExit):
     deep_compression.parse_args(["--keep", "ip1=1.5"])
   for bad in (["--distill-alpha", "1.5"], ["--distill-temperature", "0"],
-              ["--bias-bits", "1"], ["--bias-bits", "17"]):
+              ["--bias-bits", "1"], ["--bias-bits", "17"],
+              ["--share-init", "kmeans"], ["--share-init", "ip1=kmeans"]):
     with pytest.raises(SystemExit):
       deep_compression.parse_args(bad)
   args = deep_compression.parse_args(["--model", "lenet5", "--bits", "conv=7,ip=4"])
   assert args.bits == {"conv": 7, "ip": 4} and args.keep["conv1"] == 0.66
+  args = deep_compression.parse_args(["--share-init", "ip1=companding,ip=linear"])
+  assert args.share_init == {"ip1": "companding", "ip": "linear"}
 
 
 def test_sgd_cosine_schedule_matches_formula_under_strict_promotion():

@@ -100,6 +100,25 @@ def test_bits_per_path():
   assert state.codes["b"].shape == ()
 
 
+def test_kmeans_init_per_path():
+  params = _params(2)
+  seen = []
+
+  def init(path, leaf):
+    seen.append((path, leaf.shape))
+    return "companding" if path.endswith("w") else "density"
+
+  state = cx.optim.weight_sharing(0.1, n_clusters=4, kmeans_init=init).init(params)
+  assert sorted(seen) == [("v", (7, 5)), ("w", (9, 7))]
+  for name, how in (("w", "companding"), ("v", "density")):
+    c, codes = cx.quantize.kmeans(params[name], 4, init=how)
+    np.testing.assert_array_equal(state.centroids[name], c)
+    np.testing.assert_array_equal(state.codes[name], codes)
+  # The per-leaf choice matters: linear init gives other centroids here.
+  c_lin, _ = cx.quantize.kmeans(params["w"], 4, init="linear")
+  assert not np.array_equal(state.centroids["w"], c_lin)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(bits=0), "bits"),
     (dict(bits=17), "bits"),

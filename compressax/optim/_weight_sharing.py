@@ -105,7 +105,7 @@ def _leaf_mask(kp, x, m):
 def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
                    n_clusters: Clusters | None = None,
                    bits: Clusters | None = None, kmeans_iters: int = 30,
-                   kmeans_init: str = "linear",
+                   kmeans_init: Union[str, Callable[[str, Any], str]] = "linear",
                    where: _select.Where = None, mask: Any = None
                    ) -> optax.GradientTransformationExtraArgs:
   """Train shared weights: fixed codes, centroids updated by segment sums.
@@ -118,9 +118,11 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       ``(path, leaf) -> int`` (Deep Compression uses 8 for conv, 5 for FC).
     kmeans_iters: Lloyd iterations of the initial clustering.
     kmeans_init: its initialization (``cx.quantize.kmeans``'s ``init``):
-      ``"linear"`` (the paper's), ``"density"`` or ``"companding"``. On magnitude-pruned layers the kept weights leave a gap
-      around zero, and linear-init centroids that start in it stay empty;
-      ``"companding"`` places no centroid where there are no weights.
+      ``"linear"`` (the paper's), ``"density"`` or ``"companding"``, or
+      ``(path, leaf) -> init`` to choose per leaf. On magnitude-pruned
+      layers the kept weights leave a gap around zero, and linear-init
+      centroids that start in it stay empty; ``"companding"`` places no
+      centroid where there are no weights.
     where: which leaves share weights (default: weight matrices, kernels).
     mask: the pruning mask: a bool tree with the params' structure
       (``True`` = kept; 0-d ``True`` keeps a whole leaf), as returned by
@@ -173,11 +175,13 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       if not s:
         return jnp.full((), -1, jnp.int32), jnp.zeros((), x.dtype), None
       _checks.check_floating(kp, x)
+      init_name = (kmeans_init(_select.path_str(kp), x) if callable(kmeans_init)
+                   else kmeans_init)
       m = None if m is None else _leaf_mask(kp, x, m)
       if m is None:
         _checks.check_finite(kp, x)
         k = _clusters_for(n_clusters, bits, kp, x)
-        c, codes = _quantize.kmeans(x, k, init=kmeans_init, iters=kmeans_iters)
+        c, codes = _quantize.kmeans(x, k, init=init_name, iters=kmeans_iters)
         return (jnp.asarray(codes, jnp.int32).reshape(x.shape),
                 jnp.asarray(c, x.dtype).reshape(k), None)
       # Cluster exactly the kept values (a one-time gather with a concrete
@@ -186,7 +190,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       kept = jnp.asarray(x).reshape(-1)[idx]
       _checks.check_finite(kp, kept)
       k = _clusters_for(n_clusters, bits, kp, x, n_kept=idx.size)
-      c, codes = _quantize.kmeans(kept, k, init=kmeans_init, iters=kmeans_iters)
+      c, codes = _quantize.kmeans(kept, k, init=init_name, iters=kmeans_iters)
       full = jnp.zeros((x.size,), jnp.int32).at[idx].set(
           jnp.asarray(codes, jnp.int32).reshape(-1))
       return (full.reshape(x.shape), jnp.asarray(c, x.dtype).reshape(k),
