@@ -19,6 +19,13 @@ The three-stage pipeline, every stage through compressax's public API:
 The reported ``test_error`` is measured on the weights decoded from the
 written file (see :mod:`experiments.train`).
 
+Beyond the paper, for smaller files at the same error: ``--keep`` and
+``--bits`` set kept fractions and bit widths per layer regex;
+``--share-init`` picks the k-means init per layer; ``--distill-alpha``
+retrains (pruning and centroid stages) against the dense baseline's logits
+with ``cx.distill.polino_loss``; ``--bias-bits`` stores the biases as
+``cx.quantize`` codes instead of float32.
+
 Run ``python -m experiments.deep_compression`` (LeNet-300-100 on the bundled
 digits, about a minute) or, for the paper's MNIST numbers::
 
