@@ -7,12 +7,15 @@ Run ``python benchmarks/prune_lowrank.py`` (``--quick`` for a smoke-size run).
     timed after a warm-up. Each variant runs in a fresh subprocess and reports
     its peak resident memory above the memory held just before the call, as a
     multiple of the params' own size. The baseline is the same exact mask
-    found with a full sort of all |w| (the method the library uses for small
-    trees); the library switches to a 32-step bisection on the float bit
-    pattern for large trees.
+    found with a full sort of all |w| (the method the library uses for
+    small trees, and ``method="sort"``); the library switches to a 32-step
+    bisection on the float bit pattern for large trees.
 (2) A sweep of 32 sparsity levels on LeNet-300-100 (random weights and
     inputs): mask, prune and evaluate the loss, as one jitted ``jax.vmap``
     call vs 32 calls of the same jitted function.
+(3) One layer-scope mask of LeNet-300-100 (jitted), threshold by sort vs by
+    bisection (``magnitude_mask(method=...)``): why ``cx.optim.prune_magnitude``
+    bisects, while (2) under ``vmap`` keeps the default sort.
 """
 
 from __future__ import annotations
@@ -51,12 +54,7 @@ def child(n_leaves: int, leaf_size: int, method: str, sparsity: float, repeats: 
   import jax.numpy as jnp
 
   import compressax as cx
-  from compressax.prune import _rank
 
-  if method == "sort":
-    _rank.SORT_LIMIT = 1 << 40
-  else:
-    _rank.SORT_LIMIT = 0
   rng = np.random.default_rng(0)
   cols = 5000
   params = {}
@@ -66,7 +64,8 @@ def child(n_leaves: int, leaf_size: int, method: str, sparsity: float, repeats: 
     del host
   jax.block_until_ready(params)
   param_bytes = n_leaves * leaf_size * 4
-  f = jax.jit(lambda p: cx.prune.magnitude_mask(p, sparsity, scope="global"))
+  f = jax.jit(lambda p: cx.prune.magnitude_mask(p, sparsity, scope="global",
+                                               method=method))
   ma = f.lower(params).compile().memory_analysis()
   xla_extra = (ma.temp_size_in_bytes + ma.output_size_in_bytes) if ma else -1
   mask = jax.block_until_ready(f(params))  # compile + warm-up
@@ -168,6 +167,36 @@ def sweep(args):
         f"   ratio loop/vmap {t_loop / t_vmap:.2f}x   same losses: {same}")
 
 
+def small_threshold(args):
+  import jax
+
+  import compressax as cx
+
+  sizes = (784, 300, 100, 10)
+  keys = jax.random.split(jax.random.key(1), 3)
+  params = {f"Dense_{i}": {"kernel": jax.random.normal(keys[i], (a, b))}
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+  times, masks = {}, {}
+  for method in ("sort", "bisect"):
+    fn = jax.jit(lambda p, s, m=method: cx.prune.magnitude_mask(
+        p, s, scope="layer", method=m))
+    masks[method] = jax.block_until_ready(fn(params, 0.9))
+    ts = []
+    for _ in range(max(args.repeats, 5)):
+      t0 = time.perf_counter()
+      for _ in range(10):
+        out = fn(params, 0.9)
+      jax.block_until_ready(out)
+      ts.append((time.perf_counter() - t0) / 10)
+    times[method] = min(ts)
+  same = all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(masks["sort"]), jax.tree.leaves(masks["bisect"])))
+  print("(3) one layer-scope mask of LeNet-300-100 (266,200 weights), jitted, best of "
+        f"{max(args.repeats, 5)}x10 calls")
+  print(f"    sort {times['sort'] * 1e3:7.2f} ms   bisection {times['bisect'] * 1e3:7.2f} ms"
+        f"   sort/bisection {times['sort'] / times['bisect']:.2f}x   same masks: {same}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="smoke-size run")
@@ -185,6 +214,7 @@ def main():
     args.leaf_size, args.repeats, args.batch = 1_000_000, 2, 64
   global_masking(args)
   sweep(args)
+  small_threshold(args)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,18 @@ def test_large_leaf_path_is_identical(monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_method_argument_gives_the_same_mask_and_rejects_unknown():
+  params = tree(5, ints=True)  # many ties
+  for scope in ("layer", "global"):
+    want = cx.prune.magnitude_mask(params, 0.55, scope=scope)
+    for method in ("sort", "bisect"):
+      got = jax.jit(lambda p, m=method: cx.prune.magnitude_mask(
+          p, 0.55, scope=scope, method=m))(params)
+      jax.tree.map(np.testing.assert_array_equal, got, want)
+  with pytest.raises(ValueError, match="method"):
+    cx.prune.magnitude_mask(params, 0.5, method="heap")
+
+
 def test_bisection_on_long_leaves_with_ties(monkeypatch):
   # > 4096 weights and not a multiple of 32: the chunked count and its tail.
   rng = np.random.default_rng(9)

@@ -164,7 +164,9 @@ def prune_magnitude(inner: optax.GradientTransformation, *,
     s = sparsity_at(count)
     if distribution == "erk":
       s = _prune.erk_sparsity(after, s, where=where)
-    return _prune.magnitude_mask(after, s, scope=scope, where=where)
+    # One sparsity per call: the bisection beats a sort on CPU.
+    return _prune.magnitude_mask(after, s, scope=scope, where=where,
+                                 method="bisect")
 
   def is_update(count):
     return ((count >= begin_step) & (count <= end_step)

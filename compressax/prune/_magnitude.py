@@ -11,7 +11,8 @@ from compressax.prune import _rank
 __all__ = ["magnitude_mask", "random_mask"]
 
 
-def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None):
+def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None,
+                   method: str | None = None):
   """Keep the largest-magnitude weights: exactly ``n - floor(s * n)`` of them.
 
   The pruning step of Deep Compression (Han et al.) and of gradual magnitude
@@ -36,14 +37,21 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None):
       value outside ``[0, 1]`` is clipped (1 keeps nothing).
     scope: ``"layer"`` or ``"global"``.
     where: which leaves to prune (default: weight matrices and kernels).
+    method: how the magnitude threshold is found; every method gives the
+      same mask. ``None`` picks by size (a sort up to 4M weights, a 32-step
+      bisection on the float bit pattern above, which needs no copy of the
+      weights). ``"bisect"`` is several times faster for a single sparsity
+      on CPU from about 16k weights on; ``"sort"`` is faster under
+      ``jax.vmap`` over sparsities, where one sort serves them all.
 
   Returns:
     A mask pytree with the params' structure: a ``bool`` array of the leaf's
     shape at each selected leaf (True = kept) and a 0-d ``True`` elsewhere.
 
   Raises:
-    ValueError: sparsity outside ``[0, 1)``, NaN/Inf weights, unknown scope,
-      or a sparsity mapping that misses a leaf (the leaf path is named).
+    ValueError: sparsity outside ``[0, 1)``, NaN/Inf weights, unknown scope
+      or method, or a sparsity mapping that misses a leaf (the leaf path is
+      named).
     TypeError: integer/bool leaves selected, or a non-scalar sparsity.
 
   Example:
@@ -56,18 +64,21 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None):
   """
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  if method not in (None, "sort", "bisect"):
+    raise ValueError(f"method must be None, 'sort' or 'bisect', got {method!r}")
   treedef, pairs, flags = _leaves.flat_selection(params, where)
   selected = [(p, _leaves.dense_value(p, x)) for (p, x), f in zip(pairs, flags) if f]
   key_fn = _rank.magnitude_keys
   if scope == "layer":
     sps = _leaves.per_leaf_sparsity(params, sparsity, pairs, flags)
-    flat = [_rank.topk_masks([x], _rank.kept_count(x.size, s), key_fn=key_fn)[0]
+    flat = [_rank.topk_masks([x], _rank.kept_count(x.size, s), key_fn=key_fn,
+                             method=method)[0]
             for (_, x), s in zip(selected, sps)]
   else:
     _rank.check_scalar("params (global scope)", sparsity)
     n_total = sum(int(x.size) for _, x in selected)
     flat = _rank.topk_masks([x for _, x in selected], _rank.kept_count(n_total, sparsity),
-                            key_fn=key_fn)
+                            key_fn=key_fn, method=method)
   masks = [m.reshape(x.shape) for m, (_, x) in zip(flat, selected)]
   return _leaves.assemble(treedef, flags, masks)
 
