@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from compressax._count import count
 from compressax.diffq import _bits
-from compressax.prune import _rank
 
 __all__ = ["noise_scale", "noisy"]
 
@@ -86,8 +86,8 @@ def _value_range_bwd(res, g):
   # full-size arrays written per tensor, which cost more than the noise.
   x, hi, lo = res
   at_hi, at_lo = x == hi, x == lo
-  n_hi = _rank.count(at_hi.reshape(-1)).astype(jnp.float32)
-  n_lo = _rank.count(at_lo.reshape(-1)).astype(jnp.float32)
+  n_hi = count(at_hi.reshape(-1)).astype(jnp.float32)
+  n_lo = count(at_lo.reshape(-1)).astype(jnp.float32)
   zero = jnp.zeros_like(x)
   return (jnp.where(at_hi, g / n_hi, zero) - jnp.where(at_lo, g / n_lo, zero),)
 

@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from compressax import _checks
+from compressax._count import count
 
 _INT_MAX = int(np.iinfo(np.int32).max)
 # Above this many keys the threshold is found by bisection instead of a sort.
@@ -122,23 +123,6 @@ def _compare(v, t, key_fn, op: str) -> jax.Array:
     return (a == f) | (a == -f)
   keys = key_fn(v)
   return {">=": keys >= t, ">": keys > t, "==": keys == t}[op]
-
-
-def count(flags) -> jax.Array:
-  """``sum(flags)`` as int32 without a full-size int32 temporary.
-
-  XLA CPU rewrites a long reduction into a reduce-window whose input (here
-  the int32-converted flags) is materialized: 4 bytes per weight. Summing
-  rows of 32 first (short enough to stay a fused reduction) leaves only one
-  int32 per 32 weights for the long reduction.
-  """
-  n = flags.size
-  head = n - n % 32
-  if n <= 4096:
-    return jnp.sum(flags, dtype=jnp.int32)
-  rows = jnp.sum(flags[:head].reshape(head // 32, 32), axis=1, dtype=jnp.int32)
-  # The barrier stops XLA from merging the two reductions back into one.
-  return jnp.sum(lax.optimization_barrier(rows)) + jnp.sum(flags[head:], dtype=jnp.int32)
 
 
 def _bisect_threshold(values, key_fn, k) -> jax.Array:
