@@ -117,6 +117,9 @@ def test_kmeans_init_per_path():
   # The per-leaf choice matters: linear init gives other centroids here.
   c_lin, _ = cx.quantize.kmeans(params["w"], 4, init="linear")
   assert not np.array_equal(state.centroids["w"], c_lin)
+  with pytest.raises(ValueError, match=r"^params\['v'\]: .*kmeans_init.*'bogus'"):
+    cx.optim.weight_sharing(0.1, n_clusters=4, kmeans_init=lambda p, x: (
+        "linear" if p == "w" else "bogus")).init(params)
 
 
 @pytest.mark.parametrize("kw, match", [

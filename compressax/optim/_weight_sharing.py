@@ -67,6 +67,9 @@ class WeightSharingState(NamedTuple):
   mask: Any = None
 
 
+_INITS = ("linear", "density", "companding", "kmeans++")
+
+
 def _clusters_for(spec, bits, keypath, leaf, n_kept=None) -> int:
   path = _select.path_str(keypath)
   if bits is not None:
@@ -137,8 +140,9 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
 
   Raises:
     ValueError: if neither or both of ``n_clusters`` and ``bits`` are given,
-      ``bits`` is out of range, ``K`` exceeds a leaf's (kept) size, or the
-      mask does not fit the params (naming the leaf).
+      ``bits`` is out of range, ``K`` exceeds a leaf's (kept) size, the
+      mask does not fit the params, or ``kmeans_init`` names no known init
+      (naming the leaf).
     TypeError: if ``inner`` is neither an Optax transform nor a number.
 
   Example:
@@ -177,6 +181,9 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       _checks.check_floating(kp, x)
       init_name = (kmeans_init(_select.path_str(kp), x) if callable(kmeans_init)
                    else kmeans_init)
+      if init_name not in _INITS:
+        _checks.fail(kp, f"{name}: kmeans_init must give one of {_INITS}, "
+                         f"got {init_name!r}")
       m = None if m is None else _leaf_mask(kp, x, m)
       if m is None:
         _checks.check_finite(kp, x)
