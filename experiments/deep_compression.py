@@ -89,11 +89,9 @@ def _parse_layer_map(text: str, cast, flag: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  train_lib.add_common_args(p, model="lenet300", dataset="digits", epochs=15,
-                            batch_size=64, lr=0.05)
+  p = train_lib.experiment_parser(
+      MODULE, __doc__, model="lenet300", dataset="digits", epochs=15,
+      batch_size=64, lr=0.05)
   p.add_argument("--keep", default=None,
                  help="kept fraction per layer, e.g. 'ip1=0.08,ip2=0.09,ip3=0.26' "
                       "(layer names are path regexes; default: the paper's)")

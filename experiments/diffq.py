@@ -57,11 +57,9 @@ MODULE = "experiments.diffq"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  train_lib.add_common_args(p, model="lenet5", dataset="digits", epochs=5,
-                            batch_size=64, lr=1e-3)
+  p = train_lib.experiment_parser(
+      MODULE, __doc__, model="lenet5", dataset="digits", epochs=5,
+      batch_size=64, lr=1e-3)
   p.add_argument("--lambdas", type=float, nargs="+",
                  default=[0.0, 1e-2, 1e-1, 1.0],
                  help="size penalties, per MB of model")

@@ -58,11 +58,9 @@ METHODS = ("bsr", "uniform")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  train_lib.add_common_args(p, model="lenet300", dataset="digits", epochs=10,
-                            batch_size=64, lr=0.05)
+  p = train_lib.experiment_parser(
+      MODULE, __doc__, model="lenet300", dataset="digits", epochs=10,
+      batch_size=64, lr=0.05)
   p.add_argument("--budgets", type=float, nargs="+",
                  default=[0.1, 0.2, 0.3, 0.4, 0.5],
                  help="parameter budgets of the factorized kernels, in (0, 1]")
@@ -168,13 +166,8 @@ def main(argv=None) -> dict:
   model, ds, params = train_lib.setup(args)
   _log(args, f"Low-rank (BSR vs uniform rank): {args.model} on {args.dataset}, "
              f"budgets {args.budgets}")
+  params, baseline = train_lib.train_baseline(model, params, ds, args)
   steps = train_lib.steps_per_epoch(ds, args.batch_size)
-  params, _, _ = train_lib.fit(
-      model, params, train_lib.sgd(args.lr, decay_steps=args.epochs * steps),
-      ds, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-      quiet=args.quiet, desc="baseline", eval_every_epoch=False)
-  baseline = train_lib.evaluate(model, params, ds.x_test, ds.y_test,
-                                args.eval_batch_size)
   _log(args, f"  baseline {args.model} fp32: test error {baseline:.4f}")
 
   eval_fn = (_bsr_eval_fn(model, ds, args) if args.bsr_objective == "loss"

@@ -69,11 +69,9 @@ METHODS = ("ptq", "ptq_bucket", "qat", "qdistill", "diffquant")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  train_lib.add_common_args(p, model="lenet300", dataset="digits", epochs=15,
-                            batch_size=64, lr=0.05)
+  p = train_lib.experiment_parser(
+      MODULE, __doc__, model="lenet300", dataset="digits", epochs=15,
+      batch_size=64, lr=0.05)
   p.add_argument("--teacher", default="teacher_mlp",
                  choices=sorted(models_lib.MODELS))
   p.add_argument("--teacher-epochs", type=int, default=15)

@@ -97,11 +97,9 @@ def _sparsity_arg(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  train_lib.add_common_args(p, model="lenet300", dataset="digits", epochs=10,
-                            batch_size=64, lr=0.05)
+  p = train_lib.experiment_parser(
+      MODULE, __doc__, model="lenet300", dataset="digits", epochs=10,
+      batch_size=64, lr=0.05)
   p.add_argument("--bits", type=_bits_arg, nargs="+", default=list(DEFAULT_BITS))
   p.add_argument("--sparsities", type=_sparsity_arg, nargs="+",
                  default=list(DEFAULT_SPARSITIES),
@@ -257,13 +255,7 @@ def main(argv=None) -> dict:
   bits_vec, sps_vec = grid(args.bits, args.sparsities)
   _log(args, f"Sweep: {args.model} on {args.dataset}, {len(bits_vec)} settings "
              f"(bits {args.bits} x sparsity {args.sparsities})")
-  steps = train_lib.steps_per_epoch(ds, args.batch_size)
-  params, _, _ = train_lib.fit(
-      model, params, train_lib.sgd(args.lr, decay_steps=args.epochs * steps),
-      ds, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-      quiet=args.quiet, desc="train", eval_every_epoch=False)
-  baseline = train_lib.evaluate(model, params, ds.x_test, ds.y_test,
-                                args.eval_batch_size)
+  params, baseline = train_lib.train_baseline(model, params, ds, args, desc="train")
   _log(args, f"  baseline fp32 test error {baseline:.4f}")
 
   n_test = len(ds.y_test)

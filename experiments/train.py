@@ -39,7 +39,7 @@ import compressax as cx
 from experiments import data as data_lib
 from experiments import models as models_lib
 
-__all__ = ["add_common_args", "setup", "cross_entropy", "make_train_step",
+__all__ = ["add_common_args", "experiment_parser", "train_baseline", "setup", "cross_entropy", "make_train_step",
            "fit", "evaluate", "sgd", "steps_per_epoch", "write_results", "command_line", "progress", "prng_key",
            "plot_curves"]
 
@@ -65,6 +65,31 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str = "lenet300",
   parser.add_argument("--eval-batch-size", type=int, default=1000)
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bars or per-stage logs")
+
+
+def experiment_parser(module: str, doc: str, **defaults) -> argparse.ArgumentParser:
+  """``python -m module``'s parser: the module doc's first paragraph, common flags.
+
+  ``defaults`` are the experiment's defaults of :func:`add_common_args`.
+  """
+  parser = argparse.ArgumentParser(
+      prog=f"python -m {module}", description=doc.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_common_args(parser, **defaults)
+  return parser
+
+
+def train_baseline(model, params: PyTree, ds: data_lib.Dataset,
+                   args: argparse.Namespace, desc: str = "baseline"
+                   ) -> tuple[PyTree, float]:
+  """``--epochs`` of cosine-decayed SGD at ``--lr``; returns params and test error."""
+  steps = steps_per_epoch(ds, args.batch_size)
+  params, _, _ = fit(
+      model, params, sgd(args.lr, decay_steps=args.epochs * steps),
+      ds, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+      quiet=args.quiet, desc=desc, eval_every_epoch=False)
+  return params, evaluate(model, params, ds.x_test, ds.y_test,
+                          args.eval_batch_size)
 
 
 def default_out(experiment: str, args: argparse.Namespace) -> str:
