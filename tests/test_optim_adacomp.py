@@ -76,12 +76,41 @@ def test_transform_conserves_gradient_mass_over_steps():
                               total_sent, sent)
     total_grad = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64),
                               total_grad, grads)
+  residual = cx.optim.adacomp_residual(state, params)
   np.testing.assert_allclose(
-      total_sent["w"] + np.asarray(state.residual["w"]), total_grad["w"],
-      atol=1e-5)
+      total_sent["w"] + np.asarray(residual["w"]), total_grad["w"], atol=1e-5)
   # The bias is not selected: sent densely, no residual.
   np.testing.assert_allclose(total_sent["b"], total_grad["b"], atol=1e-5)
   assert state.residual["b"].shape == ()
+  np.testing.assert_array_equal(residual["b"], np.zeros(30))
+  # Stored in bins of L_T = 25 (600 -> 24 bins); the padding stays zero.
+  assert state.residual["w"].shape == (24, 25)
+
+
+def test_transform_step_equals_adacomp_compress_per_leaf():
+  """The transform's binned residual gives adacomp_compress's results."""
+  shape, bin_size = (7, 13), 10       # 91 elements: a short last bin
+  tx = cx.optim.adacomp(bin_size_fc=bin_size)
+  state = tx.init({"w": jnp.zeros(shape)})
+  residual = np.zeros(shape, np.float32)
+  for i in range(4):
+    grad = jax.random.normal(jax.random.key(i), shape)
+    sent, state = jax.jit(tx.update)({"w": grad}, state)
+    ref_sent, residual, k = _compress(residual, grad, bin_size)
+    np.testing.assert_array_equal(sent["w"], ref_sent)
+    np.testing.assert_array_equal(
+        cx.optim.adacomp_residual(state, {"w": grad})["w"], residual)
+    assert int(state.sent_elements["w"]) == int(k)
+    assert not np.any(np.asarray(state.residual["w"]).reshape(-1)[91:])
+
+
+def test_a_residual_of_the_wrong_layout_names_the_leaf():
+  tx = cx.optim.adacomp(bin_size_fc=10)
+  params = {"layer": {"w": jnp.zeros((7, 13))}}
+  state = tx.init(params)
+  bad = state._replace(residual={"layer": {"w": jnp.zeros((7, 13))}})
+  with pytest.raises(ValueError, match=r"layer.*w.*\(10, 10\)"):
+    tx.update(params, bad)
 
 
 def test_stats_follow_the_documented_accounting():
@@ -149,6 +178,7 @@ def test_data_parallel_shard_map_matches_per_device_loop():
     np.testing.assert_array_equal(state.residual["w"], ref_state.residual["w"])
   # Residuals are per device: they differ across the mesh.
   r = np.asarray(state.residual["w"])
+  assert r.shape == (n, 8, 20)
   assert not np.array_equal(r[0], r[1])
 
 

@@ -8,6 +8,7 @@ compressed by itself: no second post-update call is needed.
 from compressax.optim._adacomp import AdaCompState
 from compressax.optim._adacomp import adacomp
 from compressax.optim._adacomp import adacomp_compress
+from compressax.optim._adacomp import adacomp_residual
 from compressax.optim._adacomp import compression_stats
 from compressax.optim._diffq import diffq_finalize
 from compressax.optim._diffq import diffq_init
@@ -37,6 +38,7 @@ __all__ = [
     "WeightSharingState",
     "adacomp",
     "adacomp_compress",
+    "adacomp_residual",
     "compression_stats",
     "diff_quant_points",
     "diffq_finalize",

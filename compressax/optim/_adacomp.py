@@ -24,15 +24,18 @@ import optax
 
 from compressax import _select
 
-__all__ = ["AdaCompState", "adacomp", "adacomp_compress", "compression_stats"]
+__all__ = ["AdaCompState", "adacomp", "adacomp_compress", "adacomp_residual",
+           "compression_stats"]
 
 
 class AdaCompState(NamedTuple):
   """State of :func:`adacomp`.
 
   Attributes:
-    residual: per selected leaf, the gradient mass not sent yet (same shape
-      and dtype as the gradient); a 0-d zero for leaves sent densely.
+    residual: per selected leaf, the gradient mass not sent yet, in the
+      gradient's dtype, flattened and zero-padded to whole bins: shape
+      ``(n_bins, L_T)`` (:func:`adacomp_residual` gives it back in the
+      leaf's shape); a 0-d zero for leaves sent densely.
     sent_elements: per leaf, int32 number of elements sent at the last step.
     sent_bits: per leaf, float32 bits sent at the last step (see
       :func:`adacomp` for the accounting).
@@ -46,6 +49,46 @@ class AdaCompState(NamedTuple):
 
 def _index_bits(size: int) -> int:
   return max(1, math.ceil(math.log2(max(size, 2))))
+
+
+def _binned(x, bin_size: int) -> jax.Array:
+  """``x`` flattened, zero-padded to whole bins: ``(n_bins, bin_size)``."""
+  n = x.size
+  n_bins = -(-n // bin_size)
+  flat = x.reshape(-1)
+  if n_bins * bin_size != n:
+    flat = jnp.pad(flat, (0, n_bins * bin_size - n))
+  return flat.reshape(n_bins, bin_size)
+
+
+def _unbinned(bins, shape) -> jax.Array:
+  return bins.reshape(-1)[:math.prod(shape)].reshape(shape)
+
+
+def _compress_binned(residual, grad, bin_size: int):
+  """AdaComp on a binned residual: ``(sent, new_residual, n_sent)``.
+
+  ``residual`` is ``(n_bins, bin_size)`` (see :func:`_binned`), ``sent`` has
+  ``grad``'s shape, ``new_residual`` the residual's. Working in the bin layout
+  keeps every pass a plain row-wise one (the bin of an element is its row),
+  and a bin's ``max |G|`` is ``max(max G, -min G)``: two reductions that read
+  ``G`` directly, cheaper on CPU than writing ``|G|`` out for one. Padding is
+  zero, so ``G != 0`` never selects it and it stays zero.
+  """
+  g = _binned(grad, bin_size)
+  g_acc = residual + g
+  gmax = jnp.maximum(jnp.max(g_acc, axis=1), -jnp.min(g_acc, axis=1))
+  chosen = (jnp.abs(g_acc + g) >= gmax[:, None]) & (g_acc != 0)
+  a = jnp.abs(g_acc)
+  zero = jnp.zeros_like(a)
+  # Count and magnitude in one variadic reduction: one pass, not two.
+  mag, n_sent = jax.lax.reduce(
+      (jnp.where(chosen, a, zero), chosen.astype(jnp.int32)),
+      (jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32)),
+      lambda x, y: (x[0] + y[0], x[1] + y[1]), (0, 1))
+  scale = mag / jnp.maximum(n_sent, 1).astype(g_acc.dtype)
+  sent = jnp.where(chosen, jnp.sign(g_acc) * scale, zero)
+  return _unbinned(sent, grad.shape), g_acc - sent, n_sent
 
 
 def adacomp_compress(residual: jax.Array, grad: jax.Array, bin_size: int):
@@ -65,34 +108,24 @@ def adacomp_compress(residual: jax.Array, grad: jax.Array, bin_size: int):
   References:
     Chen et al., AAAI 2018, Algorithm 1. https://arxiv.org/abs/1712.02679
   """
-  g_acc = residual + grad
-  h = g_acc + grad
-  n = g_acc.size
-  # Only the bin maxima need the (n_bins, L_T) layout; the full bins and the
-  # short last bin are reduced separately (a padded copy is slower), and
-  # everything else stays in the leaf's own shape.
-  full, rem = divmod(n, bin_size)
-  a = jnp.abs(g_acc)
-  flat = a.reshape(-1)
-  parts = []
-  if full:
-    parts.append(jnp.max(flat[:full * bin_size].reshape(full, bin_size),
-                         axis=1))
-  if rem:
-    parts.append(jnp.max(flat[full * bin_size:], keepdims=True))
-  gmax = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-  n_bins = len(gmax)
-  gmax = jnp.broadcast_to(gmax[:, None], (n_bins, bin_size)).reshape(-1)[:n]
-  chosen = (jnp.abs(h) >= gmax.reshape(g_acc.shape)) & (g_acc != 0)
-  zero = jnp.zeros_like(a)
-  # Count and magnitude in one variadic reduction: one pass, not two.
-  mag, n_sent = jax.lax.reduce(
-      (jnp.where(chosen, a, zero), chosen.astype(jnp.int32)),
-      (jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32)),
-      lambda x, y: (x[0] + y[0], x[1] + y[1]), tuple(range(a.ndim)))
-  scale = mag / jnp.maximum(n_sent, 1).astype(g_acc.dtype)
-  sent = jnp.where(chosen, jnp.sign(g_acc) * scale, zero)
-  return sent, g_acc - sent, n_sent
+  sent, new_res, n_sent = _compress_binned(_binned(residual, bin_size), grad,
+                                           bin_size)
+  return sent, _unbinned(new_res, grad.shape), n_sent
+
+
+def adacomp_residual(state: "AdaCompState", params) -> Any:
+  """The residuals of an :class:`AdaCompState` in the shapes of ``params``.
+
+  The state keeps each residual flattened and zero-padded to whole bins; this
+  undoes that. Leaves sent densely (no residual) come back as zeros.
+
+  Args:
+    state: an :class:`AdaCompState` (for one learner, not stacked).
+    params: the parameter (or gradient) pytree the state was built for.
+  """
+  def one(r, x):
+    return jnp.zeros(x.shape, r.dtype) if r.ndim == 0 else _unbinned(r, x.shape)
+  return jax.tree_util.tree_map(one, state.residual, params)
 
 
 def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
@@ -149,7 +182,9 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
   def init(params):
     sel = _select.select(params, where)
     def residual(x, s):
-      return jnp.zeros_like(x) if s else jnp.zeros((), x.dtype)
+      if not s:
+        return jnp.zeros((), x.dtype)
+      return jnp.zeros((-(-x.size // bin_size(x)), bin_size(x)), x.dtype)
     def dense(x, s):
       del s
       return jnp.asarray(32.0 * x.size, jnp.float32)
@@ -163,13 +198,19 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
   def update(updates, state, params=None):
     del params
     sel = _select.select(updates, where)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     flags = treedef.flatten_up_to(sel)
     res = treedef.flatten_up_to(state.residual)
     out, new_res, counts, bits = [], [], [], []
-    for g, r, s in zip(leaves, res, flags):
+    for (path, g), r, s in zip(paths, res, flags):
       if s:
-        sent, r_new, k = adacomp_compress(r, g, bin_size(g))
+        want = (-(-g.size // bin_size(g)), bin_size(g))
+        if r.shape != want:
+          raise ValueError(
+              f"adacomp: the residual of {_select.path_str(path)} has shape "
+              f"{r.shape}, expected {want} (the gradient flattened into bins "
+              f"of {bin_size(g)}); build the state with this transform's init")
+        sent, r_new, k = _compress_binned(r, g, bin_size(g))
         b = (k.astype(jnp.float32) * float(_index_bits(g.size) + 1)
              + jnp.where(k > 0, 32.0, 0.0).astype(jnp.float32))
       else:
