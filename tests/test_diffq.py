@@ -262,6 +262,48 @@ def test_noise_scale_gradient_is_max_minus_min_rule_with_ties(seed, ties, shape)
                              jax.grad(reference)(x), rtol=2e-6, atol=1e-6)
 
 
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16), ties=st.integers(0, 3),
+                  shape=st.sampled_from([(1, 1), (7, 5), (3, 2, 6), (70, 70),
+                                         (129, 40)]),
+                  group_size=st.sampled_from([0, 1, 5, 16]))
+def test_uniform_noise_gradients_equal_autodiff_of_the_formula(seed, ties,
+                                                               shape,
+                                                               group_size):
+  # The uniform path has a hand-written backward pass (noise recomputed in
+  # the group reduction, tie counts in one pass). It must give what JAX's
+  # autodiff gives for W + expand((max W - min W) / (2^bits - 1)) * u, ties
+  # in the extremes included (70 x 70 and 129 x 40 take the packed count).
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
+  for _ in range(ties):
+    x[rng.integers(x.size)] = x.max()
+    x[rng.integers(x.size)] = x.min()
+  x = jnp.asarray(x.reshape(shape))
+  logits = _random_logits(cx.diffq.init_logits({"w": x}, group_size=group_size,
+                                               min_size=0), seed)["w"]
+  key = jax.random.key(seed)
+  weight = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+  def ours(x, logit):
+    noisy = cx.diffq.noisy({"w": x}, {"w": logit}, key, group_size=group_size)
+    return jnp.sum(jnp.sin(noisy["w"]) * weight)
+
+  def reference(x, logit):
+    u = jnp.asarray(_np_uniform(key, shape), jnp.float32)  # exact in f32
+    bits = B_MIN + jax.nn.sigmoid(logit) * (B_MAX - B_MIN)
+    delta = (jnp.max(x) - jnp.min(x)) / (jnp.exp2(bits) - 1.0)
+    n = x.size
+    per_weight = (jnp.broadcast_to(delta.reshape(()), (n,)) if group_size == 0
+                  else jnp.repeat(delta, group_size)[:n])
+    return jnp.sum(jnp.sin(x + per_weight.reshape(shape) * u) * weight)
+
+  got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, logits)
+  want = jax.grad(reference, argnums=(0, 1))(x, logits)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
 @hypothesis.settings(max_examples=15)
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   shape=st.sampled_from([(1, 1), (4, 4), (7, 5), (3, 2, 6)]),

@@ -69,6 +69,62 @@ def _uniform(seeds, shape, offset: int = 0) -> jax.Array:
   return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
 
 
+def _uniform_grouped(seeds, n_groups: int, group_size: int,
+                     offset: int = 0) -> jax.Array:
+  """:func:`_uniform` of ``n_groups * group_size`` weights as ``(G, gs)``.
+
+  The same values, element for element (weights past the leaf's end get
+  noise too; callers multiply them by zero): weight ``k`` reads lane ``k % 2``
+  of word ``offset + k // 2``.
+  """
+  shape = (n_groups, group_size)
+  k = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(group_size)
+       + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
+  j = k >> 1
+  if offset % 2 ** 32:
+    j = j + jnp.uint32(offset % 2 ** 32)
+  h = _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
+  codes = (h >> ((k & 1) * jnp.uint32(_LANE_BITS))) & jnp.uint32(
+      (1 << _LANE_BITS) - 1)
+  return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
+
+
+def _row_sums(v) -> jax.Array:
+  """Sums of the rows of a ``(G, w)`` array by halving, for short rows.
+
+  Written as slices and adds, an elementwise tree that XLA fuses with the
+  producer of ``v`` (here: the noise hash), where a reduce is handed to a
+  library kernel that needs ``v`` written out first.
+  """
+  if v.shape[1] > 64:
+    return jnp.sum(v, axis=1)
+  while v.shape[1] > 1:
+    w = v.shape[1]
+    head = v[:, :w // 2] + v[:, w // 2:2 * (w // 2)]
+    v = jnp.concatenate([head, v[:, 2 * (w // 2):]], 1) if w % 2 else head
+  return v[:, 0]
+
+
+def _count_ties(x, hi, lo):
+  """``(#{x == hi}, #{x == lo})`` as float32, in one pass over ``x``."""
+  flat = x.reshape(-1)
+  n = flat.size
+  head = n - n % 32
+  if n <= 4096:
+    return (count(flat == hi).astype(jnp.float32),
+            count(flat == lo).astype(jnp.float32))
+  # A row of 32 holds at most 32 ties of each kind: pack both counts in one
+  # int32 per row (low 6 bits, then the rest), so one fused pass makes them.
+  rows = flat[:head].reshape(head // 32, 32)
+  both = jnp.sum((rows == hi).astype(jnp.int32) + 64 * (rows == lo).astype(
+      jnp.int32), axis=1)
+  both = jax.lax.optimization_barrier(both)
+  tail = flat[head:]
+  n_hi = jnp.sum(both & 63) + count(tail == hi)
+  n_lo = jnp.sum(both >> 6) + count(tail == lo)
+  return n_hi.astype(jnp.float32), n_lo.astype(jnp.float32)
+
+
 @jax.custom_vjp
 def _value_range(x):
   return jnp.max(x) - jnp.min(x)
@@ -163,15 +219,64 @@ def noisy(params, logits, key, *, group_size: int = 16, b_min: float = 2,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _uniform_noisy(x, bits, seeds, group_size: int, offset: int):
+  return _uniform_noisy_fwd(x, bits, seeds, group_size, offset)[0]
+
+
+def _uniform_noisy_fwd(x, bits, seeds, group_size, offset):
+  xf = x.astype(jnp.float32)
+  hi, lo = jnp.max(xf), jnp.min(xf)
+  delta = (hi - lo) / (jnp.exp2(bits) - 1.0)
+  u = _uniform(seeds, x.shape, offset)
+  out = (xf + _bits.expand(delta, x.shape, group_size) * u).astype(x.dtype)
+  return out, (x, hi, lo, bits, seeds)
+
+
+def _uniform_noisy_bwd(group_size, offset, res, g):
+  # The same gradients as differentiating the forward pass (tested against
+  # it), in three passes over the leaf: the noise is recomputed inside the
+  # per-group reduction instead of being written out for it, and the tie
+  # counts of the range rule share one pass.
+  x, hi, lo, bits, seeds = res
+  g = g.astype(jnp.float32)
+  # The barrier keeps XLA from merging this hash with the forward one (which
+  # would write the noise out again).
+  seeds, g = jax.lax.optimization_barrier((seeds, g))
+  n = x.size
+  gs = group_size if group_size else n
+  n_groups = -(-n // gs)
+  flat = g.reshape(-1)
+  if n_groups * gs != n:
+    flat = jnp.pad(flat, (0, n_groups * gs - n))
+  # s_g = sum over the group of dL/dout * u = dL/dDelta_g.
+  s = _row_sums(flat.reshape(n_groups, gs)
+                * _uniform_grouped(seeds, n_groups, gs, offset))
+  s = s.reshape(bits.shape)
+  levels = jnp.exp2(bits)
+  r = hi - lo
+  d_bits = s * r * (-math.log(2.0)) * levels / jnp.square(levels - 1.0)
+  d_range = jnp.sum(s / (levels - 1.0))
+  n_hi, n_lo = _count_ties(x.astype(jnp.float32), hi, lo)
+  xf = x.astype(jnp.float32)
+  zero = jnp.zeros_like(g)
+  dx = (g + jnp.where(xf == hi, d_range / n_hi, zero)
+        - jnp.where(xf == lo, d_range / n_lo, zero))
+  return dx.astype(x.dtype), d_bits, None
+
+
+_uniform_noisy.defvjp(_uniform_noisy_fwd, _uniform_noisy_bwd)
+
+
 # Jitted so that eager and jitted callers run the same compiled arithmetic
 # (XLA's fusion may round differently from op-by-op execution).
 @functools.partial(jax.jit, static_argnames=("group_size", "noise", "offset"))
 def _noisy_leaf(x, logit, rand, b_min, b_max, *, group_size, noise, offset):
   # `rand`: the uint32 seed pair (uniform) or the leaf's PRNG key (gaussian).
   if noise == "uniform":
-    u = _uniform(rand, x.shape, offset)
-  else:
-    u = jax.random.normal(rand, x.shape, jnp.float32) / 2
+    bits = _bits.logit_bits(logit, b_min, b_max)
+    return _uniform_noisy(x, bits, rand, group_size, offset)
+  u = jax.random.normal(rand, x.shape, jnp.float32) / 2
   # Delta per group (one exp2 per group, not per weight), then broadcast.
   delta = noise_scale(x, _bits.logit_bits(logit, b_min, b_max))
   delta = _bits.expand(delta, x.shape, group_size)
