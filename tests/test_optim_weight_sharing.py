@@ -224,3 +224,19 @@ def test_mask_errors_name_the_leaf():
     return cx.optim.weight_sharing(0.1, n_clusters=2, mask=m).init(params)
   with pytest.raises(ValueError, match=r"concrete"):
     traced(keep)
+
+
+@pytest.mark.parametrize("k, dtype", [(6, np.uint8), (256, np.uint8),
+                                      (257, np.uint16)])
+def test_codes_take_the_smallest_unsigned_dtype(k, dtype):
+  params = {"w": jax.random.normal(jax.random.key(0), (40, 30))}
+  tx = cx.optim.weight_sharing(0.1, n_clusters=k, kmeans_iters=2)
+  state = tx.init(params)
+  assert state.codes["w"].dtype == dtype
+  # Training and reading the shared values work with the narrow codes.
+  updates, state = jax.jit(tx.update)(_grads(params, 0), state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(
+      cx.optim.shared_params(new, state)["w"],
+      np.asarray(state.centroids["w"])[np.asarray(state.codes["w"])],
+      rtol=1e-6)

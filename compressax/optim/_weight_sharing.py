@@ -52,8 +52,11 @@ class WeightSharingState(NamedTuple):
   """State of :func:`weight_sharing`.
 
   Attributes:
-    codes: per selected leaf, int32 cluster index of every weight (the leaf's
-      shape); 0-d ``-1`` on leaves trained normally.
+    codes: per selected leaf, the cluster index of every weight (the leaf's
+      shape), in the smallest unsigned dtype that holds it (``uint8`` up to
+      256 clusters, ``uint16`` up to 65536, else ``int32``: the codes are
+      read twice per step, so their width is part of the step's cost); 0-d
+      int32 ``-1`` on leaves trained normally.
     centroids: per selected leaf, the ``K`` shared values (float, the leaf's
       dtype); 0-d zero on leaves trained normally.
     inner_state: the inner optimizer's state over the centroids (selected
@@ -68,6 +71,13 @@ class WeightSharingState(NamedTuple):
 
 
 _INITS = ("linear", "density", "companding", "kmeans++")
+
+
+def _code_dtype(n_clusters: int):
+  for dtype in (jnp.uint8, jnp.uint16):
+    if n_clusters <= jnp.iinfo(dtype).max + 1:
+      return dtype
+  return jnp.int32
 
 
 def _clusters_for(spec, bits, keypath, leaf, n_kept=None) -> int:
@@ -189,7 +199,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
         _checks.check_finite(kp, x)
         k = _clusters_for(n_clusters, bits, kp, x)
         c, codes = _quantize.kmeans(x, k, init=init_name, iters=kmeans_iters)
-        return (jnp.asarray(codes, jnp.int32).reshape(x.shape),
+        return (jnp.asarray(codes, _code_dtype(k)).reshape(x.shape),
                 jnp.asarray(c, x.dtype).reshape(k), None)
       # Cluster exactly the kept values (a one-time gather with a concrete
       # index), then scatter their codes back; pruned positions get code 0.
@@ -198,8 +208,8 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       _checks.check_finite(kp, kept)
       k = _clusters_for(n_clusters, bits, kp, x, n_kept=idx.size)
       c, codes = _quantize.kmeans(kept, k, init=init_name, iters=kmeans_iters)
-      full = jnp.zeros((x.size,), jnp.int32).at[idx].set(
-          jnp.asarray(codes, jnp.int32).reshape(-1))
+      full = jnp.zeros((x.size,), _code_dtype(k)).at[idx].set(
+          jnp.asarray(codes, _code_dtype(k)).reshape(-1))
       return (full.reshape(x.shape), jnp.asarray(c, x.dtype).reshape(k),
               jnp.asarray(m))
 
