@@ -285,12 +285,18 @@ def test_uniform_noise_gradients_equal_autodiff_of_the_formula(seed, ties,
   key = jax.random.key(seed)
   weight = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
+  # A leaf before "w" in tree order moves w's noise to word offset 10.
+  a = jnp.ones((5, 4))
+  a_logits = cx.diffq.init_logits({"a": a}, group_size=group_size,
+                                  min_size=0)["a"]
+
   def ours(x, logit):
-    noisy = cx.diffq.noisy({"w": x}, {"w": logit}, key, group_size=group_size)
+    noisy = cx.diffq.noisy({"a": a, "w": x}, {"a": a_logits, "w": logit}, key,
+                           group_size=group_size)
     return jnp.sum(jnp.sin(noisy["w"]) * weight)
 
   def reference(x, logit):
-    u = jnp.asarray(_np_uniform(key, shape), jnp.float32)  # exact in f32
+    u = jnp.asarray(_np_uniform(key, shape, offset=10), jnp.float32)  # exact
     bits = B_MIN + jax.nn.sigmoid(logit) * (B_MAX - B_MIN)
     delta = (jnp.max(x) - jnp.min(x)) / (jnp.exp2(bits) - 1.0)
     n = x.size

@@ -89,20 +89,33 @@ def _uniform_grouped(seeds, n_groups: int, group_size: int,
   return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
 
 
-def _row_sums(v) -> jax.Array:
-  """Sums of the rows of a ``(G, w)`` array by halving, for short rows.
+def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
+  """``sum(g * u, axis=1)`` for ``g`` of shape ``(G, gs)``, ``u`` the noise.
 
-  Written as slices and adds, an elementwise tree that XLA fuses with the
-  producer of ``v`` (here: the noise hash), where a reduce is handed to a
-  library kernel that needs ``v`` written out first.
+  ``u`` is :func:`_uniform_grouped`'s, recomputed here. For short groups the
+  sum is written column by column, each column's noise hashed from its own
+  index: one elementwise expression over ``G`` that XLA fuses into a single
+  pass reading ``g`` once. (A reduce goes to a library kernel that needs
+  ``g * u`` written out first, and a halving tree shares each level between
+  two slices, so XLA writes a level out rather than recompute it.)
   """
-  if v.shape[1] > 64:
-    return jnp.sum(v, axis=1)
-  while v.shape[1] > 1:
-    w = v.shape[1]
-    head = v[:, :w // 2] + v[:, w // 2:2 * (w // 2)]
-    v = jnp.concatenate([head, v[:, 2 * (w // 2):]], 1) if w % 2 else head
-  return v[:, 0]
+  n_groups, gs = g.shape
+  if gs > 64:
+    return jnp.sum(g * _uniform_grouped(seeds, n_groups, gs, offset), axis=1)
+  first = jax.lax.iota(jnp.uint32, n_groups) * jnp.uint32(gs)
+  total = None
+  for c in range(gs):
+    k = first + jnp.uint32(c)
+    j = k >> 1
+    if offset % 2 ** 32:
+      j = j + jnp.uint32(offset % 2 ** 32)
+    h = _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
+    codes = (h >> ((k & 1) * jnp.uint32(_LANE_BITS))) & jnp.uint32(
+        (1 << _LANE_BITS) - 1)
+    u = (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
+    term = g[:, c] * u
+    total = term if total is None else total + term
+  return total
 
 
 def _count_ties(x, hi, lo):
@@ -250,8 +263,7 @@ def _uniform_noisy_bwd(group_size, offset, res, g):
   if n_groups * gs != n:
     flat = jnp.pad(flat, (0, n_groups * gs - n))
   # s_g = sum over the group of dL/dout * u = dL/dDelta_g.
-  s = _row_sums(flat.reshape(n_groups, gs)
-                * _uniform_grouped(seeds, n_groups, gs, offset))
+  s = _noise_dot(flat.reshape(n_groups, gs), seeds, offset)
   s = s.reshape(bits.shape)
   levels = jnp.exp2(bits)
   r = hi - lo
