@@ -1,8 +1,9 @@
 """Step-time overhead of the cx.optim transforms, and AdaComp's compression.
 
 LeNet-300-100, batch 128, CPU. Every ratio is against the plain optimizer
-step (SGD, momentum 0.9) timed in the same run, interleaved round by round,
-the median over the rounds (the machine is shared and noisy):
+step (SGD, momentum 0.9) timed in the same run, interleaved round by round:
+the median over the rounds of the two times' ratio within a round, with its
+quartiles (the machine is shared and noisy):
 
 * gradual magnitude pruning step (mask updates every 100 steps included),
 * weight-sharing step,
@@ -44,7 +45,7 @@ from experiments import distributed_adacomp as dist  # noqa: E402
 
 
 def _timeit(fns: dict, n_steps: int, rounds: int) -> dict:
-  """Median over ``rounds`` of the seconds per step of each ``fn()``.
+  """Per-round seconds per step of each ``fn()``: ``{name: [t_round, ...]}``.
 
   Each round times every variant once, one after the other, so a burst of
   load from other processes hits all variants of a round alike.
@@ -59,7 +60,18 @@ def _timeit(fns: dict, n_steps: int, rounds: int) -> dict:
         out = fn()
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t0) / n_steps)
-  return {k: float(np.median(v)) for k, v in times.items()}
+  return times
+
+
+def _ratio(times: dict, name: str, base: str) -> tuple[float, float, float]:
+  """Median and quartiles over rounds of ``name``'s time / ``base``'s.
+
+  Pairing the two times of one round cancels the machine's drift between
+  rounds, which a ratio of two medians keeps.
+  """
+  r = np.asarray(times[name]) / np.asarray(times[base])
+  q1, med, q3 = np.percentile(r, [25, 50, 75])
+  return float(med), float(q1), float(q3)
 
 
 def _single_device_steps(x, y, sizes):
@@ -187,13 +199,14 @@ def main():
     _accuracy(dataset, train_steps, bin_size, args.seeds, n_dev)
 
   t = _timeit(_single_device_steps(x, y, sizes), n_time, rounds)
-  base = t["plain"]
-  print(f"\nplain SGD step: {base * 1e3:.2f} ms")
+  print(f"\nplain SGD step: {np.median(t['plain']) * 1e3:.2f} ms  (ratios: "
+        f"median over {rounds} rounds of the paired ratio, [quartiles])")
   targets = {"prune_magnitude": 1.10, "weight_sharing": 1.30, "diffq": 1.50}
   for name, target in targets.items():
-    r = t[name] / base
-    print(f"  {name:16s} {t[name] * 1e3:7.2f} ms  {r:5.2f}x  (target <= "
-          f"{target:.2f}x: {'ok' if r <= target else 'MISSED'})")
+    r, q1, q3 = _ratio(t, name, "plain")
+    print(f"  {name:16s} {np.median(t[name]) * 1e3:7.2f} ms  {r:5.2f}x "
+          f"[{q1:.2f}-{q3:.2f}]  (target <= {target:.2f}x: "
+          f"{'ok' if r <= target else 'MISSED'})")
 
   print(f"  (DiffQ's uniform noise: 16-bit grid, seeded counter hash; see "
         "compressax/diffq/_noise.py)")
@@ -204,14 +217,14 @@ def main():
     yb = ytr[np.arange(b) % len(ytr)]
     t = _timeit(_data_parallel_steps(xb, yb, sizes, n_dev, bin_size), n_time,
                 rounds)
-    r = t["dp_adacomp"] / t["dp_dense"]
+    r, q1, q3 = _ratio(t, "dp_adacomp", "dp_dense")
     label = "" if b == 128 else "  [context only: batch 1024, no target]"
     print(f"\ndense data-parallel step ({n_dev} devices, batch {b}): "
-          f"{t['dp_dense'] * 1e3:.2f} ms{label}")
+          f"{np.median(t['dp_dense']) * 1e3:.2f} ms{label}")
     verdict = (f"(target <= 1.50x: {'ok' if r <= 1.5 else 'MISSED'})"
                if b == 128 else "")
-    print(f"  adacomp          {t['dp_adacomp'] * 1e3:7.2f} ms  {r:5.2f}x  "
-          f"{verdict}")
+    print(f"  adacomp          {np.median(t['dp_adacomp']) * 1e3:7.2f} ms  "
+          f"{r:5.2f}x [{q1:.2f}-{q3:.2f}]  {verdict}")
 
 
 if __name__ == "__main__":
