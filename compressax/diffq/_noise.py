@@ -69,39 +69,22 @@ def _uniform(seeds, shape, offset: int = 0) -> jax.Array:
   return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
 
 
-def _uniform_grouped(seeds, n_groups: int, group_size: int,
-                     offset: int = 0) -> jax.Array:
-  """:func:`_uniform` of ``n_groups * group_size`` weights as ``(G, gs)``.
-
-  The same values, element for element (weights past the leaf's end get
-  noise too; callers multiply them by zero): weight ``k`` reads lane ``k % 2``
-  of word ``offset + k // 2``.
-  """
-  shape = (n_groups, group_size)
-  k = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(group_size)
-       + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
-  j = k >> 1
-  if offset % 2 ** 32:
-    j = j + jnp.uint32(offset % 2 ** 32)
-  h = _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
-  codes = (h >> ((k & 1) * jnp.uint32(_LANE_BITS))) & jnp.uint32(
-      (1 << _LANE_BITS) - 1)
-  return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
-
-
 def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
   """``sum(g * u, axis=1)`` for ``g`` of shape ``(G, gs)``, ``u`` the noise.
 
-  ``u`` is :func:`_uniform_grouped`'s, recomputed here. For short groups the
-  sum is written column by column, each column's noise hashed from its own
-  index: one elementwise expression over ``G`` that XLA fuses into a single
-  pass reading ``g`` once. (A reduce goes to a library kernel that needs
-  ``g * u`` written out first, and a halving tree shares each level between
-  two slices, so XLA writes a level out rather than recompute it.)
+  ``u`` is :func:`_uniform`'s for the ``G * gs`` weights from word
+  ``offset`` on (past the leaf's end, ``g`` is zero), recomputed here. For
+  short groups the sum is written column by column, each column's noise
+  hashed from its own index: one elementwise expression over ``G`` that XLA
+  fuses into a single pass reading ``g`` once. (A reduce goes to a library
+  kernel that needs ``g * u`` written out first, and a halving tree shares
+  each level between two slices, so XLA writes a level out rather than
+  recompute it.)
   """
   n_groups, gs = g.shape
   if gs > 64:
-    return jnp.sum(g * _uniform_grouped(seeds, n_groups, gs, offset), axis=1)
+    u = _uniform(seeds, (n_groups * gs,), offset).reshape(n_groups, gs)
+    return jnp.sum(g * u, axis=1)
   first = jax.lax.iota(jnp.uint32, n_groups) * jnp.uint32(gs)
   total = None
   for c in range(gs):
@@ -248,9 +231,10 @@ def _uniform_noisy_fwd(x, bits, seeds, group_size, offset):
 
 def _uniform_noisy_bwd(group_size, offset, res, g):
   # The same gradients as differentiating the forward pass (tested against
-  # it), in three passes over the leaf: the noise is recomputed inside the
-  # per-group reduction instead of being written out for it, and the tie
-  # counts of the range rule share one pass.
+  # it), in two passes over the leaf plus the update of `x`, which XLA fuses
+  # into the optimizer's: the noise is recomputed inside the per-group
+  # reduction instead of being written out for it, and both tie counts of
+  # the range rule come from one pass.
   x, hi, lo, bits, seeds = res
   g = g.astype(jnp.float32)
   # The barrier keeps XLA from merging this hash with the forward one (which
