@@ -92,8 +92,9 @@ def make_step(mesh: Mesh, opt: optax.GradientTransformation,
   ``step(params, comp_state, opt_state, x, y) -> (params, comp_state,
   opt_state, loss, stats)``: ``params`` and ``opt_state`` are replicated,
   ``comp_state`` is stacked along a leading device axis (each device's own
-  residual), ``x, y`` are split along the batch; ``stats`` holds per-device
-  ``(n_devices,)`` sent bits, dense bits and sent elements of this step.
+  residual), ``x, y`` are split along the batch; ``stats`` is
+  ``(n_devices, 3)``: each device's sent elements, sent bits and dense bits
+  of this step over the compressed leaves (zeros for the dense baseline).
 
   Args:
     mesh: a mesh with a ``"data"`` axis.
@@ -109,15 +110,14 @@ def make_step(mesh: Mesh, opt: optax.GradientTransformation,
     # transpose, and the point is to compress *before* any reduction.
     mine = jax.lax.pcast(params, AXIS, to="varying")
     value, grads = jax.value_and_grad(loss)(mine, x, y)
-    zero = jnp.zeros((1,), jnp.float32)
-    stats = {"bits": zero, "dense_bits": zero, "sent": zero}
+    stats = jnp.zeros((1, 3), jnp.float32)
     if compressor is None:
       sent = jax.lax.pmean(grads, AXIS)
     else:
       mine = jax.tree.map(lambda a: a[0], comp_state)
       sent, mine = compressor.update(grads, mine)
       comp_state = jax.tree.map(lambda a: a[None], mine)
-      stats = jax.tree.map(lambda a: a[None], _compressed_totals(mine))
+      stats = _compressed_totals(mine)[None]
     updates, opt_state = opt.update(sent, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, comp_state, opt_state, jax.lax.pmean(value, AXIS), stats
@@ -128,19 +128,16 @@ def make_step(mesh: Mesh, opt: optax.GradientTransformation,
   return jax.jit(fn, donate_argnums=(0, 1, 2))
 
 
-def _compressed_totals(state: cx.optim.AdaCompState) -> dict:
-  """This device's bits this step, over the compressed leaves.
+def _compressed_totals(state: cx.optim.AdaCompState) -> jax.Array:
+  """This device's ``[sent elements, sent bits, dense bits]`` this step.
 
-  Returned per device (no extra collective in the step); sum on the host.
+  Over the compressed leaves; per device (no extra collective in the step),
+  one array (every step output is a buffer per device); sum on the host.
   """
-  leaves = lambda t: jax.tree.leaves(t)
-  rows = [(k, b, d) for r, k, b, d in zip(
-      leaves(state.residual), leaves(state.sent_elements),
-      leaves(state.sent_bits), leaves(state.dense_bits)) if r.ndim > 0]
-  total = {"sent": sum(k.astype(jnp.float32) for k, _, _ in rows),
-           "bits": sum(b for _, b, _ in rows),
-           "dense_bits": sum(d for _, _, d in rows)}
-  return total
+  chosen = np.array([r.ndim > 0 for r in jax.tree.leaves(state.residual)])
+  return jnp.stack([jnp.sum(state.sent.astype(jnp.float32)[chosen]),
+                    jnp.sum(state.bits[0][chosen]),
+                    jnp.sum(state.bits[1][chosen])])
 
 
 def init_states(mesh: Mesh, params, opt, compressor):
@@ -193,11 +190,11 @@ def train(dataset: str = "digits", *, steps: int = 200, batch: int = 128,
     # XLA's in-process CPU all-reduce can starve on an oversubscribed host.
     jax.block_until_ready(loss)
     if compress:
-      stats = jax.tree.map(lambda a: float(np.sum(a)), stats)
-      bits += stats["bits"]
-      dense += stats["dense_bits"]
-      sent += stats["sent"]
-      total += stats["dense_bits"] / 32
+      k, b, d = (float(v) for v in np.sum(np.asarray(stats), axis=0))
+      bits += b
+      dense += d
+      sent += k
+      total += d / 32
     if log_every and i % log_every == 0:
       print(f"step {i:5d}  loss {float(loss):.4f}")
   seconds = time.perf_counter() - t0

@@ -128,6 +128,12 @@ def test_stats_follow_the_documented_accounting():
   assert stats["b"]["bits"] == stats["b"]["dense_bits"] == 32 * 50
   fc = cx.optim.compression_stats(state, where="^w$")["total"]
   assert fc["ratio"] == pytest.approx(32 * 2000 / stats["w"]["bits"])
+  # Two counter arrays, leaves in tree order ("b", "w"); the trees are views.
+  assert state.sent.shape == (2,) and state.bits.shape == (2, 2)
+  np.testing.assert_array_equal(state.sent, [50, k])
+  np.testing.assert_array_equal(state.bits[1], [32 * 50, 32 * 2000])
+  assert int(state.sent_elements["w"]) == k
+  assert float(state.sent_bits["w"]) == stats["w"]["bits"]
 
 
 def test_conv_kernels_use_the_conv_bin_size():
@@ -179,6 +185,9 @@ def test_data_parallel_shard_map_matches_per_device_loop():
   # Residuals are per device: they differ across the mesh.
   r = np.asarray(state.residual["w"])
   assert r.shape == (n, 8, 20)
+  # The per-leaf views of a stacked state keep the device axis.
+  np.testing.assert_array_equal(state.sent_elements["w"], state.sent[:, 1])
+  assert state.dense_bits["b"].shape == (n,)
   assert not np.array_equal(r[0], r[1])
 
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from compressax import _select
@@ -36,15 +37,41 @@ class AdaCompState(NamedTuple):
       gradient's dtype, flattened and zero-padded to whole bins: shape
       ``(n_bins, L_T)`` (:func:`adacomp_residual` gives it back in the
       leaf's shape); a 0-d zero for leaves sent densely.
-    sent_elements: per leaf, int32 number of elements sent at the last step.
-    sent_bits: per leaf, float32 bits sent at the last step (see
-      :func:`adacomp` for the accounting).
-    dense_bits: per leaf, float32 bits of the dense 32-bit gradient.
+    sent: int32 ``(n_leaves,)``, per leaf in tree order: the elements sent
+      at the last step (a leaf sent densely counts all of them).
+    bits: float32 ``(2, n_leaves)``: row 0 the bits each leaf sent at the
+      last step (see :func:`adacomp` for the accounting), row 1 the bits of
+      its dense 32-bit gradient.
+
+  The counters are two arrays, not trees of scalars: every state leaf is a
+  buffer that each step hands over (per device under ``shard_map``), and
+  tiny ones cost as much as the compression of a small layer. The trees are
+  the properties :attr:`sent_elements`, :attr:`sent_bits` and
+  :attr:`dense_bits` (their leaves keep any leading axes of the arrays, e.g.
+  the device axis of a stacked state).
   """
   residual: Any
-  sent_elements: Any
-  sent_bits: Any
-  dense_bits: Any
+  sent: jax.Array
+  bits: jax.Array
+
+  def _per_leaf(self, rows) -> Any:
+    treedef = jax.tree_util.tree_structure(self.residual)
+    return treedef.unflatten([rows[..., i] for i in range(rows.shape[-1])])
+
+  @property
+  def sent_elements(self) -> Any:
+    """Per leaf, int32 number of elements sent at the last step."""
+    return self._per_leaf(self.sent)
+
+  @property
+  def sent_bits(self) -> Any:
+    """Per leaf, float32 bits sent at the last step."""
+    return self._per_leaf(self.bits[..., 0, :])
+
+  @property
+  def dense_bits(self) -> Any:
+    """Per leaf, float32 bits of the dense 32-bit gradient."""
+    return self._per_leaf(self.bits[..., 1, :])
 
 
 def _index_bits(size: int) -> int:
@@ -185,15 +212,12 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
       if not s:
         return jnp.zeros((), x.dtype)
       return jnp.zeros((-(-x.size // bin_size(x)), bin_size(x)), x.dtype)
-    def dense(x, s):
-      del s
-      return jnp.asarray(32.0 * x.size, jnp.float32)
-    tm = jax.tree_util.tree_map
+    leaves = jax.tree_util.tree_leaves(params)
+    dense = np.array([32.0 * np.size(x) for x in leaves], np.float32)
     return AdaCompState(
-        residual=tm(residual, params, sel),
-        sent_elements=tm(lambda x, s: jnp.zeros((), jnp.int32), params, sel),
-        sent_bits=tm(lambda x, s: jnp.zeros((), jnp.float32), params, sel),
-        dense_bits=tm(dense, params, sel))
+        residual=jax.tree_util.tree_map(residual, params, sel),
+        sent=jnp.zeros((len(leaves),), jnp.int32),
+        bits=jnp.asarray(np.stack([np.zeros_like(dense), dense])))
 
   def update(updates, state, params=None):
     del params
@@ -226,8 +250,9 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
       # all-reduces, each a cross-device rendezvous.
       out = jax.lax.pmean(out, axis_name)
     unflat = treedef.unflatten
-    return unflat(out), AdaCompState(unflat(new_res), unflat(counts),
-                                     unflat(bits), state.dense_bits)
+    return unflat(out), AdaCompState(
+        unflat(new_res), jnp.stack(counts),
+        jnp.stack([jnp.stack(bits), state.bits[1]]))
 
   return optax.GradientTransformation(init, update)
 
