@@ -275,8 +275,12 @@ def share_and_finetune(model, params, mask, ds, args, curves, loss_fn=None):
   ws = state.inner_state
 
   def node(keypath, x, codes, centroids):
-    return cx.quantize.CodebookArray(codes=codes, centroids=centroids,
-                                     shape=tuple(x.shape), dtype=np.dtype(x.dtype))
+    # int32 codes in the file, as before weight_sharing kept them in uint8:
+    # the payload is bit-packed either way, but the manifest names the dtype,
+    # and the documented file sizes were measured with int32.
+    return cx.quantize.CodebookArray(codes=codes.astype(np.int32),
+                                     centroids=centroids, shape=tuple(x.shape),
+                                     dtype=np.dtype(x.dtype))
   shared = cx.map_selected(node, params, ws.codes, ws.centroids)
   return cx.prune.mask_to_nodes(shared, mask), err
 
