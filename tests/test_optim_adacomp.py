@@ -207,3 +207,13 @@ def test_chained_with_sgd_reduces_a_quadratic():
   for _ in range(60):
     params, state = step(params, state)
   assert loss(params) < 0.05 * l0
+
+
+def test_adacomp_residual_bad_input_names_the_leaf():
+  params = {"layer": {"w": jnp.zeros((7, 13))}, "b": jnp.zeros((13,))}
+  state = cx.optim.adacomp(bin_size_fc=10).init(params)
+  with pytest.raises(ValueError, match="residual tree does not match"):
+    cx.optim.adacomp_residual(state, {"w": jnp.zeros((7, 13))})
+  stacked = jax.tree.map(lambda a: jnp.stack([a] * 2), state)
+  with pytest.raises(ValueError, match=r"\['b'\].*stacked over devices"):
+    cx.optim.adacomp_residual(stacked, params)

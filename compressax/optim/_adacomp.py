@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compressax import _checks
 from compressax import _select
 
 __all__ = ["AdaCompState", "adacomp", "adacomp_compress", "adacomp_residual",
@@ -149,10 +150,25 @@ def adacomp_residual(state: "AdaCompState", params) -> Any:
   Args:
     state: an :class:`AdaCompState` (for one learner, not stacked).
     params: the parameter (or gradient) pytree the state was built for.
+
+  Raises:
+    ValueError: if the trees differ, or a residual cannot hold its leaf
+      (naming the leaf path).
+
+  References:
+    Chen et al., *AdaComp*, AAAI 2018. https://arxiv.org/abs/1712.02679
   """
-  def one(r, x):
-    return jnp.zeros(x.shape, r.dtype) if r.ndim == 0 else _unbinned(r, x.shape)
-  return jax.tree_util.tree_map(one, state.residual, params)
+  _checks.check_same_structure("adacomp_residual", params, state.residual,
+                               what="residual")
+  def one(kp, x, r):
+    if r.ndim == 0:
+      return jnp.zeros(np.shape(x), r.dtype)
+    if r.ndim != 2 or r.size < np.size(x):
+      _checks.fail(kp, f"adacomp_residual: a residual of shape {r.shape} "
+                       f"cannot hold a leaf of shape {np.shape(x)} (a state "
+                       f"stacked over devices? pass one learner's state)")
+    return _unbinned(r, np.shape(x))
+  return jax.tree_util.tree_map_with_path(one, params, state.residual)
 
 
 def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
