@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["count"]
+__all__ = ["count", "count_pair"]
 
 
 def count(flags) -> jax.Array:
@@ -27,3 +27,21 @@ def count(flags) -> jax.Array:
   rows = jnp.sum(flags[:head].reshape(head // 32, 32), axis=1, dtype=jnp.int32)
   # The barrier stops XLA from merging the two reductions back into one.
   return jnp.sum(lax.optimization_barrier(rows)) + jnp.sum(flags[head:], dtype=jnp.int32)
+
+
+def count_pair(a, b) -> tuple[jax.Array, jax.Array]:
+  """``(sum(a), sum(b))`` for two flag arrays of one shape, in one pass.
+
+  A row of 32 holds at most 32 True entries of each, so both row counts fit
+  one int32 (``a``'s in the low 6 bits): one fused pass instead of two.
+  """
+  a, b = a.reshape(-1), b.reshape(-1)
+  n = a.size
+  head = n - n % 32
+  if n <= 4096:
+    return count(a), count(b)
+  rows = (a[:head].astype(jnp.int32)
+          + 64 * b[:head].astype(jnp.int32)).reshape(head // 32, 32)
+  both = lax.optimization_barrier(jnp.sum(rows, axis=1))
+  return (jnp.sum(both & 63) + count(a[head:]),
+          jnp.sum(both >> 6) + count(b[head:]))

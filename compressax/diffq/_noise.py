@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compressax._count import count
+from compressax._count import count_pair
 from compressax.diffq import _bits
 
 __all__ = ["noise_scale", "noisy"]
@@ -101,26 +101,6 @@ def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
   return total
 
 
-def _count_ties(x, hi, lo):
-  """``(#{x == hi}, #{x == lo})`` as float32, in one pass over ``x``."""
-  flat = x.reshape(-1)
-  n = flat.size
-  head = n - n % 32
-  if n <= 4096:
-    return (count(flat == hi).astype(jnp.float32),
-            count(flat == lo).astype(jnp.float32))
-  # A row of 32 holds at most 32 ties of each kind: pack both counts in one
-  # int32 per row (low 6 bits, then the rest), so one fused pass makes them.
-  rows = flat[:head].reshape(head // 32, 32)
-  both = jnp.sum((rows == hi).astype(jnp.int32) + 64 * (rows == lo).astype(
-      jnp.int32), axis=1)
-  both = jax.lax.optimization_barrier(both)
-  tail = flat[head:]
-  n_hi = jnp.sum(both & 63) + count(tail == hi)
-  n_lo = jnp.sum(both >> 6) + count(tail == lo)
-  return n_hi.astype(jnp.float32), n_lo.astype(jnp.float32)
-
-
 @jax.custom_vjp
 def _value_range(x):
   return jnp.max(x) - jnp.min(x)
@@ -138,8 +118,7 @@ def _value_range_bwd(res, g):
   # full-size arrays written per tensor, which cost more than the noise.
   x, hi, lo = res
   at_hi, at_lo = x == hi, x == lo
-  n_hi = count(at_hi.reshape(-1)).astype(jnp.float32)
-  n_lo = count(at_lo.reshape(-1)).astype(jnp.float32)
+  n_hi, n_lo = (c.astype(jnp.float32) for c in count_pair(at_hi, at_lo))
   zero = jnp.zeros_like(x)
   return (jnp.where(at_hi, g / n_hi, zero) - jnp.where(at_lo, g / n_lo, zero),)
 
@@ -253,8 +232,8 @@ def _uniform_noisy_bwd(group_size, offset, res, g):
   r = hi - lo
   d_bits = s * r * (-math.log(2.0)) * levels / jnp.square(levels - 1.0)
   d_range = jnp.sum(s / (levels - 1.0))
-  n_hi, n_lo = _count_ties(x.astype(jnp.float32), hi, lo)
   xf = x.astype(jnp.float32)
+  n_hi, n_lo = (c.astype(jnp.float32) for c in count_pair(xf == hi, xf == lo))
   zero = jnp.zeros_like(g)
   dx = (g + jnp.where(xf == hi, d_range / n_hi, zero)
         - jnp.where(xf == lo, d_range / n_lo, zero))
