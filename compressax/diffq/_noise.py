@@ -47,6 +47,16 @@ def _fmix32(h):
   return h ^ (h >> 16)
 
 
+def _word(j, seeds):
+  """Word ``j`` of the stream: ``fmix32((j * golden + s0) ^ s1)``."""
+  return _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
+
+
+def _unit(codes):
+  """16-bit codes to the midpoint grid of ``[-1/2, 1/2]``, float32."""
+  return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
+
+
 def _n_words(shape) -> int:
   return -(-math.prod(shape) // (32 // _LANE_BITS))
 
@@ -62,11 +72,11 @@ def _uniform(seeds, shape, offset: int = 0) -> jax.Array:
   j = jax.lax.iota(jnp.uint32, _n_words(shape))
   if offset % 2 ** 32:
     j = j + jnp.uint32(offset % 2 ** 32)
-  h = _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
+  h = _word(j, seeds)
   shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(_LANE_BITS))[None, :]
   codes = (h[:, None] >> shifts) & jnp.uint32((1 << _LANE_BITS) - 1)
   codes = codes.reshape(-1)[:n].reshape(shape)
-  return (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
+  return _unit(codes)
 
 
 def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
@@ -92,11 +102,9 @@ def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
     j = k >> 1
     if offset % 2 ** 32:
       j = j + jnp.uint32(offset % 2 ** 32)
-    h = _fmix32((j * jnp.uint32(_GOLDEN) + seeds[0]) ^ seeds[1])
-    codes = (h >> ((k & 1) * jnp.uint32(_LANE_BITS))) & jnp.uint32(
-        (1 << _LANE_BITS) - 1)
-    u = (codes.astype(jnp.float32) + 0.5) * (2.0 ** -_LANE_BITS) - 0.5
-    term = g[:, c] * u
+    lane = (k & 1) * jnp.uint32(_LANE_BITS)
+    codes = (_word(j, seeds) >> lane) & jnp.uint32((1 << _LANE_BITS) - 1)
+    term = g[:, c] * _unit(codes)
     total = term if total is None else total + term
   return total
 
