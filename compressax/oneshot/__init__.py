@@ -1,0 +1,35 @@
+"""One-shot compression of pretrained layers from calibration data.
+
+No retraining: each layer is compressed on its own from a few calibration
+inputs. Flax layout throughout: a kernel ``w`` of shape ``(d_in, d_out)``,
+``y = x @ w``, and the layer Hessian over ``d_in`` is ``H = 2 X^T X``.
+
+* :func:`hessian`, :func:`hessian_update`: ``H`` of a batch, or running over
+  batches (``psum`` across devices inside ``shard_map``).
+* :func:`gptq`: quantization with error compensation (Frantar et al. 2023),
+  :func:`rtn` the round-to-nearest baseline on the same grid; both give a
+  :class:`GroupQuantizedArray`.
+* :func:`sparsegpt`: pruning (unstructured or N:M), optionally joint with
+  quantization (Frantar & Alistarh 2023); gives a ``cx.prune.MaskedArray``.
+* :func:`wanda_mask`: the Wanda mask ``|w| * ||x||`` (Sun et al. 2024).
+
+The magnitude baseline is ``cx.prune.magnitude_mask`` / ``cx.prune.nm_mask``.
+"""
+
+from compressax.oneshot._gptq import gptq
+from compressax.oneshot._grid import GroupQuantizedArray
+from compressax.oneshot._grid import rtn
+from compressax.oneshot._hessian import hessian
+from compressax.oneshot._hessian import hessian_update
+from compressax.oneshot._sparsegpt import sparsegpt
+from compressax.oneshot._wanda import wanda_mask
+
+__all__ = [
+    "GroupQuantizedArray",
+    "gptq",
+    "hessian",
+    "hessian_update",
+    "rtn",
+    "sparsegpt",
+    "wanda_mask",
+]
