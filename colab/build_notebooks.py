@@ -2,7 +2,8 @@
 
 Edit the cells here, then run ``python colab/build_notebooks.py``; the
 notebooks are plain JSON written with the ``json`` module (no nbformat
-dependency). ``tests/test_docs.py`` runs their code cells as a script.
+dependency). ``tests/test_notebooks.py`` runs each one top to bottom, the
+install cell included (it installs nothing where compressax is importable).
 """
 
 from __future__ import annotations
@@ -12,18 +13,45 @@ import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = "https://github.com/compressax/compressax"
+COLAB = "https://colab.research.google.com/github/" + REPO.split("github.com/")[1]
 
-INSTALL_MD = f"""\
-The next cell installs compressax from the project's repository ({REPO}) with the
-`experiments` extra (scikit-learn, matplotlib), unless `import compressax` already
-works (e.g. in a local checkout). Colab already has JAX, Flax and Optax; if pip
-upgrades one of them, restart the runtime once. Any runtime works: CPU, GPU or TPU."""
 
-INSTALL = f"""\
-try:
-    import compressax  # already installed (local checkout, or a rerun)
-except ImportError:
-    %pip install -q "compressax[experiments] @ git+{REPO}\""""
+def badge(name: str) -> str:
+  """The Open-in-Colab badge of ``colab/name`` on the main branch."""
+  return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+          f"({COLAB}/blob/main/colab/{name})")
+
+
+RUNTIME_MD = """\
+**Runtime.** Everything here runs on a CPU. For a GPU or TPU in Colab, choose
+*Runtime > Change runtime type* and pick a GPU (e.g. T4) or a TPU before running the
+first cell; `jax.devices()` below shows what JAX found."""
+
+INSTALL_MD = """\
+The next cell installs compressax with its `experiments` extra (scikit-learn,
+matplotlib) when something is missing: from the checkout (`pip install -e`) when this
+notebook runs inside one, from the published package otherwise (Colab). When everything
+is already importable it installs nothing. Colab already has JAX, Flax and Optax; if pip
+upgrades one of them, restart the runtime once."""
+
+INSTALL = """\
+import importlib.util, pathlib, subprocess, sys
+
+# The checkout this notebook runs in, if any: a parent folder with pyproject.toml and compressax/.
+root = next((d for d in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
+             if (d / "pyproject.toml").is_file() and (d / "compressax" / "__init__.py").is_file()), None)
+missing = [m for m in ("compressax", "jax", "flax", "optax", "sklearn", "matplotlib")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    cmd = [sys.executable, "-m", "pip", "install", "-q",
+           *(["-e", f"{root}[experiments]"] if root else ["compressax[experiments]"])]
+    print("missing", missing, "->", " ".join(cmd))
+    subprocess.check_call(cmd)
+    if root:  # an editable install is importable only after a restart; the checkout is now
+        sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+else:
+    print("compressax and its dependencies are installed" + (f" (checkout: {root})" if root else ""))"""
 
 DATA = """\
 from sklearn.datasets import load_digits
@@ -91,6 +119,7 @@ def notebook(cells: list[dict]) -> dict:
 
 
 QUICKSTART = [
+    md(badge("quickstart.ipynb")),
     md("""\
 # compressax quickstart
 
@@ -106,6 +135,7 @@ Train a small Flax MLP on scikit-learn's digits, then compress it with
 
 compressax works on the parameter pytree itself: no module is rewritten.""".replace(
         "REPO", REPO)),
+    md(RUNTIME_MD),
     md(INSTALL_MD),
     code(INSTALL),
     code("""\
@@ -134,7 +164,7 @@ def train_step(params, opt_state, x, y):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-for step in range(300):
+for step in range(int(os.environ.get("COMPRESSAX_NOTEBOOK_STEPS", 300))):
     params, opt_state, loss = train_step(params, opt_state, *batch(step))
 print(f"loss {float(loss):.3f}, float32 test accuracy {float(accuracy(params)):.3f}")"""),
     md("""\
@@ -201,6 +231,7 @@ plt.show()"""),
 ]
 
 TRAINING = [
+    md(badge("compression_aware_training.ipynb")),
     md(f"""\
 # Compression-aware training with Optax
 
@@ -215,9 +246,12 @@ themselves. This notebook trains a small Flax MLP on scikit-learn's digits with
 
 then writes the 4-bit, pruned model with `cx.save` and checks that the file computes
 what the model was trained to compute. Library: [compressax]({REPO})."""),
+    md(RUNTIME_MD),
     md(INSTALL_MD),
     code(INSTALL),
     code("""\
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,15 +268,17 @@ print(jax.devices())"""),
 ## The optimizer
 
 `prune_magnitude` recomputes the mask every `frequency` steps between `begin_step` and
-`end_step` and holds it afterwards; pruned weights are exactly zero after every
+`end_step` (steps 50 to 250 of 400, every 25) and holds it afterwards; pruned weights are exactly zero after every
 `optax.apply_updates`. The quantizer is symmetric (`symmetric=True`), so zero is one of
 its levels and a pruned weight stays zero after quantization."""),
     code("""\
-BITS, BUCKET, FINAL_SPARSITY, STEPS = 4, 256, 0.9, 400
+BITS, BUCKET, FINAL_SPARSITY = 4, 256, 0.9
+STEPS = int(os.environ.get("COMPRESSAX_NOTEBOOK_STEPS", 400))
+SCHEDULE = dict(final_sparsity=FINAL_SPARSITY, begin_step=STEPS // 8,
+                end_step=STEPS * 5 // 8, frequency=STEPS // 16)  # 50, 250, 25 for 400 steps
 
 inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
-tx = cx.optim.prune_magnitude(inner, final_sparsity=FINAL_SPARSITY,
-                              begin_step=50, end_step=250, frequency=25)
+tx = cx.optim.prune_magnitude(inner, **SCHEDULE)
 state = tx.init(params)
 
 def seen_by_model(params):  # the 4-bit weights of the forward pass
@@ -260,20 +296,22 @@ def train_step(params, state, x, y):
 history = []
 for step in range(STEPS):
     params, state, loss = train_step(params, state, *batch(step))
-    if step % 25 == 24:
+    if (step + 1) % SCHEDULE["frequency"] == 0:  # after step + 1 updates
         sparsity = cx.prune.sparsity_stats(state.masks)["global"]["sparsity"]
         acc = float(accuracy(seen_by_model(params)))
         history.append((step + 1, sparsity, acc))
         print(f"step {step + 1:4d}  loss {float(loss):.3f}  sparsity {sparsity:.3f}  4-bit test accuracy {acc:.3f}")"""),
     code("""\
+# The update at step count t applies the schedule's sparsity at t, so after t + 1 updates
+# (the x axis, as in `history`) the mask has polynomial_schedule(t).
 steps, sparsity, acc = zip(*history)
-schedule = [float(cx.prune.polynomial_schedule(t, final_sparsity=FINAL_SPARSITY, begin_step=50,
-                                               end_step=250, frequency=25)) for t in range(STEPS)]
+schedule = [float(cx.prune.polynomial_schedule(t, **SCHEDULE)) for t in range(STEPS)]
 fig, ax = plt.subplots(figsize=(7, 3.5))
-ax.plot(range(STEPS), schedule, color="gray", label="polynomial schedule")
+ax.plot(range(1, STEPS + 1), schedule, color="gray", label="polynomial schedule")
 ax.plot(steps, sparsity, "o", label="mask sparsity")
 ax.plot(steps, acc, "s-", label="4-bit test accuracy")
-ax.set_xlabel("step"); ax.legend()
+ax.set_xlabel("optimizer steps taken"); ax.set_ylabel("fraction (sparsity, accuracy)")
+ax.set_ylim(0, 1.02); ax.legend()
 fig.tight_layout()
 plt.show()"""),
     md("""\

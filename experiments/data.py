@@ -11,7 +11,11 @@ scikit-learn digits; no other normalization) and int32 labels. Specs:
   y_test`` (e.g. MNIST's ``mnist.npz``); images ``(N, H, W)`` or
   ``(N, H, W, C)``, uint8 in [0, 255] or float in [0, 1].
 * ``tfds:NAME``: a TensorFlow Datasets data set with ``train``/``test`` splits
-  (needs ``pip install tensorflow-datasets``).
+  (needs ``pip install 'compressax[tfds]'``: tensorflow-datasets and the
+  TensorFlow it reads with, and either the prepared files in
+  ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``, or a network to download
+  them; without them it fails in seconds with a :class:`DatasetUnavailable`
+  saying what is missing).
 
 :func:`batches` yields ``jax.Array`` minibatches in a seeded shuffled order.
 """
@@ -24,8 +28,8 @@ from typing import Iterator, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Dataset", "load_dataset", "batches", "upsample_digits",
-           "fit_to_shape"]
+__all__ = ["Dataset", "DatasetUnavailable", "load_dataset", "load_or_exit",
+           "batches", "upsample_digits", "fit_to_shape"]
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DIGITS_TEST_FRACTION = 0.2
@@ -56,6 +60,8 @@ def load_dataset(spec: str) -> Dataset:
     ValueError: if the spec is unknown or the file's contents are malformed
       (the message names the file and what was expected).
     ImportError: for ``tfds:`` when tensorflow-datasets is not installed.
+    DatasetUnavailable: for ``tfds:`` when TensorFlow, or both the prepared
+      files and a network, are missing (checked in seconds, before loading).
   """
   if spec == "digits":
     return _load_digits()
@@ -147,14 +153,68 @@ def _load_npz(path: str) -> Dataset:
   return _make(*out, path)
 
 
+class DatasetUnavailable(RuntimeError):
+  """A data set that cannot be had here; the message says what it needs."""
+
+
+# TFDS prepares a data set by downloading it (its own mirror and most sources
+# are on this host) and reads it with TensorFlow. Both are checked up front, so
+# that a machine without them fails in seconds with one line, instead of
+# retrying the download for minutes.
+TFDS_PROBE_URL = "https://storage.googleapis.com"
+TFDS_PROBE_TIMEOUT_S = 5.0
+TFDS_MODULES = ("tensorflow", "importlib_resources")  # tfds imports both lazily
+
+
+def _reachable(url: str, timeout: float) -> bool:
+  """Whether ``url`` answers at all within ``timeout`` seconds (no retries)."""
+  import urllib.error
+  import urllib.request
+  try:
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                           timeout=timeout).close()
+  except urllib.error.HTTPError:
+    return True  # an HTTP answer, even an error status: the host is there
+  except (OSError, ValueError):
+    return False
+  return True
+
+
+def _missing_modules(names) -> list[str]:
+  import importlib.util
+  return [m for m in names if importlib.util.find_spec(m) is None]
+
+
 def _load_tfds(name: str) -> Dataset:
+  where = f"tfds:{name}"
+  alternatives = "or use --dataset npz:PATH or digits"
   try:
     import tensorflow_datasets as tfds  # heavy and optional: import lazily
   except ImportError as e:
     raise ImportError(
-        f"dataset 'tfds:{name}' needs tensorflow-datasets; install it with "
-        "`pip install tensorflow-datasets` (or `pip install compressax"
-        "[experiments]`), or use 'npz:PATH' / 'digits'") from e
+        f"{where} needs tensorflow-datasets ({e}): `pip install "
+        f"'compressax[tfds]'`, {alternatives}") from e
+  try:
+    builder = tfds.builder(name)  # data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  except ModuleNotFoundError as e:
+    raise ImportError(f"{where}: tensorflow-datasets needs the module "
+                      f"{e.name!r}: `pip install 'compressax[tfds]'`") from e
+  except ValueError as e:  # tfds' DatasetNotFoundError
+    raise ValueError(f"{where}: TensorFlow Datasets has no data set {name!r} "
+                     f"({type(e).__name__})") from None
+  needs = []
+  missing = _missing_modules(TFDS_MODULES)
+  if missing:
+    needs.append(f"the module(s) {', '.join(missing)} (`pip install "
+                 f"'compressax[tfds]'`)")
+  if not builder.is_prepared() and not _reachable(TFDS_PROBE_URL,
+                                                  TFDS_PROBE_TIMEOUT_S):
+    needs.append(f"its prepared files in {builder.data_dir} (set "
+                 f"TFDS_DATA_DIR) or a connection to {TFDS_PROBE_URL} to "
+                 f"download them (none within {TFDS_PROBE_TIMEOUT_S:g} s)")
+  if needs:
+    raise DatasetUnavailable(f"{where} needs {' and '.join(needs)}; "
+                             f"{alternatives}")
   splits = tfds.as_numpy(tfds.load(name, split=["train", "test"], batch_size=-1,
                                    as_supervised=True))
   out = []
@@ -164,6 +224,17 @@ def _load_tfds(name: str) -> Dataset:
     images = _as_images(np.asarray(x), scale, where)
     out += [images, _as_labels(np.asarray(y), images.shape[0], where)]
   return _make(*out, f"tfds:{name}")
+
+
+def load_or_exit(spec: str) -> Dataset:
+  """:func:`load_dataset` for a command line: a data set that cannot be had
+  ends the program with one line (``error: --dataset SPEC: ...``), no traceback.
+  """
+  try:
+    return load_dataset(spec)
+  except (DatasetUnavailable, OSError, ImportError, ValueError) as e:
+    msg = str(e) if str(e).startswith(spec) else f"--dataset {spec}: {e}"
+    raise SystemExit(f"error: {msg}") from None
 
 
 def upsample_digits(x: np.ndarray) -> np.ndarray:

@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="prune-retrain rounds to reach the kept fractions")
   p.add_argument("--prune-epochs", type=int, default=15,
                  help="retraining epochs in total over the pruning rounds")
-  p.add_argument("--prune-lr", type=float, default=0.01)
+  p.add_argument("--prune-lr", type=float, default=0.01,
+                 help="learning rate of the retraining after each pruning round")
   p.add_argument("--share-epochs", type=int, default=5,
                  help="centroid fine-tuning epochs")
   p.add_argument("--share-init", default="linear",
@@ -125,7 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "paper: float32")
   p.add_argument("--constant-lr", action="store_true",
                  help="no cosine decay of the learning rate within a stage")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true",
+                 help="do not write the PNG plot")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   args.keep = (_parse_layer_map(args.keep, float, "--keep") if args.keep
@@ -272,6 +274,8 @@ def share_and_finetune(model, params, mask, ds, args, curves, loss_fn=None):
       seed=args.seed + 100, quiet=args.quiet, desc="share", opt_state=state,
       loss_fn=loss_fn)
   curves["share"] = hist["test_error"]
+  _log(args, f"  centroid fine-tuning ({args.share_epochs} epochs): test error "
+             f"{(hist['test_error'] or [err])[-1]:.4f}")
   ws = state.inner_state
 
   def node(keypath, x, codes, centroids):
@@ -341,6 +345,8 @@ def main(argv=None) -> dict:
       })
   print(size_table(results["file"]))
   print(f"results: {os.path.join(args.out, 'results.json')}")
+  if plot:
+    print(f"plot: {plot}")
   print(f"wrote {results['file']} ({results['file_bytes']} bytes, "
         f"{results['ratio']:.1f}x smaller than fp32; test error "
         f"{results['test_error']:.4f}, baseline {results['baseline_test_error']:.4f})")

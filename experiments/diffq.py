@@ -72,14 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--logit-lr", type=float, default=0.05,
                  help="learning rate of the bit logits' own Adam (paper: 1e-3, "
                       "which needs thousands of steps; see the module doc)")
-  p.add_argument("--init-bits", type=float, default=8.0)
-  p.add_argument("--b-min", type=float, default=2.0)
-  p.add_argument("--b-max", type=float, default=15.0)
-  p.add_argument("--noise", choices=("uniform", "gaussian"), default="uniform")
+  p.add_argument("--init-bits", type=float, default=8.0,
+                 help="bits every group starts from (the bit logits' init)")
+  p.add_argument("--b-min", type=float, default=2.0,
+                 help="fewest bits a group can learn")
+  p.add_argument("--b-max", type=float, default=15.0,
+                 help="most bits a group can learn")
+  p.add_argument("--noise", choices=("uniform", "gaussian"), default="uniform",
+                 help="distribution of the pseudo-quantization noise")
   p.add_argument("--save-lambda", type=float, default=None,
                  help="lambda whose DiffQ model is DIR/model.cx (default: "
                       "the largest of --lambdas)")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true",
+                 help="do not write the PNG plot")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   if any(lam < 0 for lam in args.lambdas):

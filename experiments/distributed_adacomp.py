@@ -10,7 +10,11 @@ on the averaged compressed gradient. The dense baseline is the same step with
 On a CPU host, fake 8 devices first::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-    python experiments/distributed_adacomp.py --dataset /work/shared/data/mnist.npz
+    python -m experiments.distributed_adacomp --dataset npz:../shared/data/mnist.npz
+
+(run as ``python -m``, it sets that flag itself when it is missing).
+``--dataset`` takes the other experiments' specs: ``digits``, ``npz:PATH`` or
+``tfds:NAME`` (images are flattened).
 
 See docs/distributed.md for running the same code on a TPU pod slice.
 
@@ -37,8 +41,12 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import compressax as cx  # noqa: E402
+from experiments import data as data_lib  # noqa: E402
+from experiments import train as train_lib  # noqa: E402
 
 AXIS = "data"
+MODULE = "experiments.distributed_adacomp"
+DEFAULT_DATASET = "npz:../shared/data/mnist.npz"
 
 
 def init_mlp(key, sizes=(784, 300, 100, 10)) -> dict:
@@ -68,20 +76,20 @@ def loss_fn(params, x, y) -> jax.Array:
       apply_mlp(params, x), y))
 
 
-def load(dataset: str):
-  """``digits`` (scikit-learn, 8x8) or the path of a Keras-layout mnist.npz."""
-  if dataset == "digits":
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int32)
-    idx = np.random.default_rng(0).permutation(len(x))
-    x, y = x[idx], y[idx]
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
-  d = np.load(dataset)
-  f = lambda a: (a.reshape(len(a), -1) / 255.0).astype(np.float32)
-  return ((f(d["x_train"]), d["y_train"].astype(np.int32)),
-          (f(d["x_test"]), d["y_test"].astype(np.int32)))
+def load(dataset: str, loader=data_lib.load_dataset):
+  """``((x_train, y_train), (x_test, y_test))`` of a ``--dataset`` spec.
+
+  The specs of :func:`experiments.data.load_dataset` (``digits``,
+  ``npz:PATH``, ``tfds:NAME``), images flattened to float32 vectors in
+  [0, 1]. A bare path ending in ``.npz`` is read as ``npz:PATH``.
+  ``loader`` loads the spec (:func:`experiments.data.load_or_exit` on the
+  command line).
+  """
+  if dataset.endswith(".npz") and not dataset.startswith("npz:"):
+    dataset = "npz:" + dataset
+  ds = loader(dataset)
+  flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+  return (flat(ds.x_train), ds.y_train), (flat(ds.x_test), ds.y_test)
 
 
 def make_step(mesh: Mesh, opt: optax.GradientTransformation,
@@ -156,11 +164,13 @@ def accuracy(params, x, y) -> float:
   return float(jnp.mean(pred == y))
 
 
-def train(dataset: str = "digits", *, steps: int = 200, batch: int = 128,
+def train(dataset: str | tuple = "digits", *, steps: int = 200, batch: int = 128,
           lr: float = 0.1, compress: bool = True, bin_size_fc: int = 500,
           seed: int = 0, devices: int | None = None, log_every: int = 0
           ) -> dict:
   """Train data-parallel on ``devices`` devices; returns figures.
+
+  ``dataset`` is a ``--dataset`` spec or what :func:`load` returned.
 
   Returns:
     ``{"accuracy", "loss", "fc_ratio", "sent_fraction", "seconds"}``;
@@ -169,7 +179,7 @@ def train(dataset: str = "digits", *, steps: int = 200, batch: int = 128,
     ``cx.optim.adacomp``); ``sent_fraction`` is the fraction of their
     elements sent.
   """
-  (xtr, ytr), (xte, yte) = load(dataset)
+  (xtr, ytr), (xte, yte) = load(dataset) if isinstance(dataset, str) else dataset
   n = devices or len(jax.devices())
   mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
   sizes = (xtr.shape[1], 300, 100, 10) if xtr.shape[1] > 64 else (64, 32, 10)
@@ -204,19 +214,33 @@ def train(dataset: str = "digits", *, steps: int = 200, batch: int = 128,
           "seconds": seconds, "params": params, "comp_state": cstate}
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--dataset", default="/work/shared/data/mnist.npz",
-                  help="'digits' or the path of mnist.npz")
-  ap.add_argument("--steps", type=int, default=1000)
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--lr", type=float, default=0.1)
-  ap.add_argument("--bin-size-fc", type=int, default=500)
-  args = ap.parse_args()
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                               description=__doc__.split("\n\n")[0],
+                               formatter_class=train_lib.HelpFormatter)
+  ap.add_argument("--dataset", default=DEFAULT_DATASET,
+                  help="'digits' (bundled with scikit-learn), 'npz:PATH' "
+                       "(Keras layout) or 'tfds:NAME' (TensorFlow Datasets)")
+  ap.add_argument("--steps", type=int, default=1000,
+                  help="training steps of each run (dense, then AdaComp)")
+  ap.add_argument("--batch", type=int, default=128,
+                  help="global batch, split evenly over the devices")
+  ap.add_argument("--lr", type=float, default=0.1,
+                  help="SGD learning rate (momentum 0.9)")
+  ap.add_argument("--bin-size-fc", type=int, default=500,
+                  help="AdaComp's bin size L_T of the dense layers")
+  ap.add_argument("--seed", type=int, default=0,
+                  help="seed of the initialization and the batches")
+  return ap.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  data = load(args.dataset, data_lib.load_or_exit)  # one line if it cannot be had
   print(f"{len(jax.devices())} devices: {jax.devices()[0].platform}")
   for compress in (False, True):
-    r = train(args.dataset, steps=args.steps, batch=args.batch, lr=args.lr,
-              compress=compress, bin_size_fc=args.bin_size_fc,
+    r = train(data, steps=args.steps, batch=args.batch, lr=args.lr,
+              compress=compress, bin_size_fc=args.bin_size_fc, seed=args.seed,
               log_every=max(1, args.steps // 5))
     name = "adacomp" if compress else "dense"
     print(f"{name:8s} accuracy {r['accuracy']:.4f}  FC compression "

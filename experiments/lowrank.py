@@ -67,16 +67,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--save-budget", type=float, default=None,
                  help="budget whose BSR model is DIR/model.cx (default: the "
                       "smallest of --budgets)")
-  p.add_argument("--finetune-epochs", type=int, default=3)
-  p.add_argument("--finetune-lr", type=float, default=0.01)
-  p.add_argument("--beam-width", type=int, default=4)
+  p.add_argument("--finetune-epochs", type=int, default=3,
+                 help="epochs of fine-tuning the factors at each budget")
+  p.add_argument("--finetune-lr", type=float, default=0.01,
+                 help="learning rate of the factor fine-tuning")
+  p.add_argument("--beam-width", type=int, default=4,
+                 help="rank assignments kept per step of the BSR beam search")
   p.add_argument("--grid", type=int, default=16,
                  help="rank levels per layer in the beam search")
   p.add_argument("--bsr-objective", choices=("loss", "proxy"), default="loss",
                  help="beam-search score: train-subset loss or SVD energy")
   p.add_argument("--bsr-examples", type=int, default=1000,
                  help="training examples scored by --bsr-objective loss")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true",
+                 help="do not write the PNG plot")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   if any(not 0 < b <= 1 for b in args.budgets):

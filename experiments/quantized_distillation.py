@@ -73,25 +73,32 @@ def parse_args(argv=None) -> argparse.Namespace:
       MODULE, __doc__, model="lenet300", dataset="digits", epochs=15,
       batch_size=64, lr=0.05)
   p.add_argument("--teacher", default="teacher_mlp",
-                 choices=sorted(models_lib.MODELS))
-  p.add_argument("--teacher-epochs", type=int, default=15)
-  p.add_argument("--teacher-lr", type=float, default=0.05)
+                 choices=sorted(models_lib.MODELS),
+                 help="the larger float model distilled from")
+  p.add_argument("--teacher-epochs", type=int, default=15,
+                 help="epochs of teacher training")
+  p.add_argument("--teacher-lr", type=float, default=0.05,
+                 help="learning rate of teacher training")
   p.add_argument("--bits", type=int, nargs="+", default=[2, 4],
                  help="bit widths to compare")
   p.add_argument("--bucket-size", type=int, default=256,
                  help="values per bucket for all bucketed methods")
   p.add_argument("--alpha", type=float, default=0.7,
                  help="weight of the distillation term")
-  p.add_argument("--temperature", type=float, default=2.0)
+  p.add_argument("--temperature", type=float, default=2.0,
+                 help="softmax temperature of the distillation term")
   p.add_argument("--dq-epochs", type=int, default=None,
                  help="epochs of point training (default: --epochs)")
   p.add_argument("--dq-lr", type=float, default=1e-4,
                  help="SGD rate of the points (Polino: ~1e-5 on larger nets)")
-  p.add_argument("--dq-init", default="quantiles", choices=["quantiles", "uniform"])
+  p.add_argument("--dq-init", default="quantiles", choices=["quantiles", "uniform"],
+                 help="initial quantization points: weight quantiles or an "
+                      "even grid")
   p.add_argument("--dq-target", default="self", choices=["self", "teacher"],
                  help="distill the points from the model's own fp32 copy "
                       "(paper default) or from the teacher")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true",
+                 help="do not write the PNG plot")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   for b in args.bits:

@@ -33,12 +33,16 @@ EXPERIMENTS = ("deep_compression", "quantized_distillation")
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--experiment", required=True, choices=EXPERIMENTS)
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=train_lib.HelpFormatter)
+  p.add_argument("--experiment", required=True, choices=EXPERIMENTS,
+                 help="the experiment to run (experiments.NAME)")
   p.add_argument("--flag", required=True,
                  help="the experiment's flag to vary, without dashes (e.g. bits)")
-  p.add_argument("--values", nargs="+", required=True)
-  p.add_argument("--seeds", nargs="+", type=int, default=[0])
+  p.add_argument("--values", nargs="+", required=True,
+                 help="the values of --flag, one run each (per seed)")
+  p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                 help="the seeds of every value")
   p.add_argument("--out", default=None, help="default runs/repeat/EXPERIMENT-FLAG")
   args, rest = p.parse_known_args(argv)
   if rest and rest[0] == "--":

@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 
+MODULE = "experiments.summarize"
 COLUMNS = (  # (header, key, format)
     ("seed", "seed", "{}"),
     ("baseline error", "baseline_test_error", "{:.2%}"),
@@ -59,7 +60,8 @@ def table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                   description=__doc__.splitlines()[0])
   parser.add_argument("results", nargs="+", help="results.json files")
   args = parser.parse_args(argv)
   runs = load(args.results)

@@ -100,17 +100,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = train_lib.experiment_parser(
       MODULE, __doc__, model="lenet300", dataset="digits", epochs=10,
       batch_size=64, lr=0.05)
-  p.add_argument("--bits", type=_bits_arg, nargs="+", default=list(DEFAULT_BITS))
+  p.add_argument("--bits", type=_bits_arg, nargs="+", default=list(DEFAULT_BITS),
+                 help="bit widths of the symmetric per-channel grid, in [2, 16]")
   p.add_argument("--sparsities", type=_sparsity_arg, nargs="+",
                  default=list(DEFAULT_SPARSITIES),
                  help="fractions of each kernel pruned, in [0, 1)")
   p.add_argument("--tolerance", type=float, default=0.01,
                  help="model.cx: smallest Pareto setting with error <= "
-                      "baseline + this (fraction; default 1 point)")
+                      "baseline + this (a fraction: 0.01 is 1 point)")
   p.add_argument("--verify", type=int, default=3,
                  help="settings re-evaluated from their files (smallest "
                       "file, chosen, largest file)")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true",
+                 help="do not write the PNG plot")
   args = p.parse_args(argv)
   args.argv = sys.argv[1:] if argv is None else list(argv)
   args.bits = sorted(set(args.bits))

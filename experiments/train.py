@@ -39,7 +39,7 @@ import compressax as cx
 from experiments import data as data_lib
 from experiments import models as models_lib
 
-__all__ = ["add_common_args", "experiment_parser", "train_baseline", "setup", "cross_entropy", "make_train_step",
+__all__ = ["add_common_args", "experiment_parser", "HelpFormatter", "train_baseline", "setup", "cross_entropy", "make_train_step",
            "fit", "evaluate", "sgd", "steps_per_epoch", "write_results", "command_line", "progress", "prng_key",
            "plot_curves"]
 
@@ -51,20 +51,39 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str = "lenet300",
                     dataset: str = "digits", epochs: int = 10,
                     batch_size: int = 64, lr: float = 1e-3) -> None:
   """The flags every experiment takes; defaults are the experiment's."""
-  parser.add_argument("--model", default=model, choices=sorted(models_lib.MODELS))
+  parser.add_argument("--model", default=model, choices=sorted(models_lib.MODELS),
+                      help="the network to train and compress")
   parser.add_argument("--dataset", default=dataset,
-                      help="'digits', 'npz:PATH' (Keras layout, e.g. "
-                           "npz:../shared/data/mnist.npz) or 'tfds:NAME'")
-  parser.add_argument("--seed", type=int, default=0)
+                      help="'digits' (bundled with scikit-learn), 'npz:PATH' "
+                           "(Keras layout, e.g. npz:../shared/data/mnist.npz) "
+                           "or 'tfds:NAME' (TensorFlow Datasets)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the initialization, shuffles and dropout")
   parser.add_argument("--out", default=None,
-                      help="output directory (default runs/EXPERIMENT/MODEL-DATASET)")
+                      help="output directory (default runs/EXPERIMENT/MODEL-DATASET-seedSEED)")
   parser.add_argument("--epochs", type=int, default=epochs,
                       help="epochs of baseline training")
-  parser.add_argument("--batch-size", type=int, default=batch_size)
+  parser.add_argument("--batch-size", type=int, default=batch_size,
+                      help="training examples per step")
   parser.add_argument("--lr", type=float, default=lr, help="baseline learning rate")
-  parser.add_argument("--eval-batch-size", type=int, default=1000)
+  parser.add_argument("--eval-batch-size", type=int, default=1000,
+                      help="test examples per evaluation call")
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bars or per-stage logs")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+  """The description as written, and each flag's default after its help.
+
+  A default of None means "derived from other flags", which the flag's help
+  says in words, and a switch is off by default, so neither is printed.
+  """
+
+  def _get_help_string(self, action):
+    if action.default is None or action.nargs == 0:  # store_true: 'off'
+      return action.help
+    return super()._get_help_string(action)
 
 
 def experiment_parser(module: str, doc: str, **defaults) -> argparse.ArgumentParser:
@@ -74,7 +93,7 @@ def experiment_parser(module: str, doc: str, **defaults) -> argparse.ArgumentPar
   """
   parser = argparse.ArgumentParser(
       prog=f"python -m {module}", description=doc.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      formatter_class=HelpFormatter)
   add_common_args(parser, **defaults)
   return parser
 
@@ -109,7 +128,7 @@ def prng_key(seed: int) -> jax.Array:
 
 def setup(args: argparse.Namespace):
   """Model, data (brought to the model's input shape) and initial variables."""
-  ds = data_lib.load_dataset(args.dataset)
+  ds = data_lib.load_or_exit(args.dataset)  # one line if it cannot be had
   ds = data_lib.fit_to_shape(ds, models_lib.input_shape(args.model))
   model = models_lib.get_model(args.model, ds.num_classes)
   variables = models_lib.init(model, ds.image_shape, prng_key(args.seed))
