@@ -175,9 +175,10 @@ def sweep(w, h, damp, counts, *, cfg: Config) -> Result:
     s0, z0 = _grid.find_grid(w0, bits, cfg.symmetric)
     scales, zeros = s0[None], z0[None]
   else:
+    # Initial values shaped `like` w: inside shard_map they vary like it.
     n_g = rows // group if group else 1
-    scales = jnp.ones((n_g, d_out), dt)
-    zeros = jnp.zeros((n_g, d_out), dt)
+    scales = jnp.ones_like(w[:n_g])
+    zeros = jnp.zeros_like(w[:n_g])
 
   def block_body(b, carry):
     w, q, codes, keep, scales, zeros = carry
@@ -191,30 +192,30 @@ def sweep(w, h, damp, counts, *, cfg: Config) -> Result:
       score = jnp.where(pad_row[:, None], jnp.inf, score)
       m1 = _block_keep(score, counts[b])
     else:
-      m1 = jnp.ones((bsz, d_out), bool)
+      m1 = jnp.ones_like(w1, dtype=bool)
     s_cur, z_cur = scales[0], zeros[0]
 
     def row_body(r, rc):
       w1, m1, q1, c1, e1, s_cur, z_cur, scales, zeros = rc
+      # Selects instead of lax.cond: the same program on every shard_map shard.
       if bits is not None and group is not None:
-        def new_grid(args):
-          scales, zeros, _, _ = args
-          s, z = _grid.find_grid(lax.dynamic_slice(w1, (r, 0), (group, d_out)),
-                                 bits, cfg.symmetric)
-          g = (i1 + r) // group
-          scales = lax.dynamic_update_slice(scales, s[None], (g, 0))
-          zeros = lax.dynamic_update_slice(zeros, z[None], (g, 0))
-          return scales, zeros, s, z
-        scales, zeros, s_cur, z_cur = lax.cond(
-            r % group == 0, new_grid, lambda a: a, (scales, zeros, s_cur, z_cur))
+        s_new, z_new = _grid.find_grid(
+            lax.dynamic_slice(w1, (r - r % group, 0), (group, d_out)), bits,
+            cfg.symmetric)
+        start = r % group == 0
+        s_cur = jnp.where(start, s_new, s_cur)
+        z_cur = jnp.where(start, z_new, z_cur)
+        g = (i1 + r) // group
+        scales = lax.dynamic_update_slice(scales, s_cur[None], (g, 0))
+        zeros = lax.dynamic_update_slice(zeros, z_cur[None], (g, 0))
       if cfg.nm is not None:
         n, m = cfg.nm
-        def new_window(m1):
-          sc = lax.dynamic_slice(w1, (r, 0), (m, d_out)) ** 2
-          dd = lax.dynamic_slice(d1, (r,), (m,))
-          return lax.dynamic_update_slice(m1, _nm_keep(sc / (dd ** 2)[:, None], n),
-                                          (r, 0))
-        m1 = lax.cond(r % m == 0, new_window, lambda a: a, m1)
+        r0 = r - r % m
+        sc = lax.dynamic_slice(w1, (r0, 0), (m, d_out)) ** 2
+        dd = lax.dynamic_slice(d1, (r0,), (m,))
+        win = jnp.where(r % m == 0, _nm_keep(sc / (dd ** 2)[:, None], n),
+                        lax.dynamic_slice(m1, (r0, 0), (m, d_out)))
+        m1 = lax.dynamic_update_slice(m1, win, (r0, 0))
       wr = w1[r]
       keep_r = m1[r]
       qr = jnp.where(keep_r, wr, jnp.zeros_like(wr))
@@ -230,7 +231,7 @@ def sweep(w, h, damp, counts, *, cfg: Config) -> Result:
       e1 = e1.at[r].set(err)
       return w1, m1, q1, c1, e1, s_cur, z_cur, scales, zeros
 
-    zeros_blk = jnp.zeros((bsz, d_out), dt)
+    zeros_blk = jnp.zeros_like(w1)
     _, m1, q1, c1, e1, _, _, scales, zeros = lax.fori_loop(
         0, bsz, row_body,
         (w1, m1, zeros_blk, zeros_blk, zeros_blk, s_cur, z_cur, scales, zeros))
@@ -243,10 +244,10 @@ def sweep(w, h, damp, counts, *, cfg: Config) -> Result:
     keep = lax.dynamic_update_slice(keep, m1, (i1, 0))
     return w, q, codes, keep, scales, zeros
 
-  full = jnp.zeros((rows, d_out), dt)
+  full = jnp.zeros_like(w)
   _, q, codes, keep, scales, zeros = lax.fori_loop(
       0, n_blocks, block_body,
-      (w, full, full, jnp.ones((rows, d_out), bool), scales, zeros))
+      (w, full, full, jnp.ones_like(w, dtype=bool), scales, zeros))
   q, codes, keep = q[:d_in], codes[:d_in], keep[:d_in]
   if group is not None and bits is not None:
     n_groups = -(-d_in // group)
