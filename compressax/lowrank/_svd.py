@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _rules
 from compressax import _select
 from compressax._node import CompressedLeaf
 from compressax._node import compressed_leaf
+from compressax._node import is_compressed
 
 __all__ = ["LowRankArray", "factorize", "factorize_tree", "matrix_shape"]
 
@@ -28,7 +30,7 @@ PyTree = Any
 RankSpec = Union[int, Mapping[str, int], Callable[[str, Any], int], None]
 
 
-@compressed_leaf
+@compressed_leaf(name="compressax.LowRankArray")
 @dataclasses.dataclass(frozen=True)
 class LowRankArray(CompressedLeaf):
   """A weight stored as two low-rank factors, ``W ~= (u @ v).reshape(shape)``.
@@ -50,7 +52,9 @@ class LowRankArray(CompressedLeaf):
   rank: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   def materialize(self) -> jax.Array:
-    return (self.u @ self.v).reshape(self.shape).astype(self.dtype)
+    # The factors may themselves be compressed (e.g. 8-bit codes).
+    u, v = (f.materialize() if is_compressed(f) else f for f in (self.u, self.v))
+    return (u @ v).reshape(self.shape).astype(self.dtype)
 
   def storage_bits(self) -> int:
     """``32 * r * (m + n)``: both float32 factors at the effective rank ``r``.
@@ -59,9 +63,26 @@ class LowRankArray(CompressedLeaf):
     bound: zero columns from a traced rank are counted). Use :meth:`compact`
     on concrete factors to drop those columns first.
     """
+    if is_compressed(self.u) or is_compressed(self.v):
+      return sum(int(f.storage_bits()) if is_compressed(f)
+                 else 32 * int(np.size(f)) for f in (self.u, self.v))
     m, n = matrix_shape(self.shape)
     r = self.rank if self.rank is not None else self.u.shape[-1]
     return 32 * int(r) * (m + n)
+
+  def validate(self) -> None:
+    """``u`` is ``(m, k)``, ``v`` is ``(k, n)`` for the dense ``(m, n)``."""
+    super().validate()
+    m, n = matrix_shape(tuple(self.shape)) if len(self.shape) else (None, None)
+    us, vs = (tuple(f.shape) if is_compressed(f) else np.shape(f)
+              for f in (self.u, self.v))
+    if len(us) != 2 or len(vs) != 2 or us[1] != vs[0] or (m, n) != (us[0], vs[1]):
+      raise ValueError(f"factors {us} @ {vs} do not make the dense shape "
+                       f"{tuple(self.shape)} (as ({m}, {n}))")
+    r = self.rank
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int)
+                          or not 0 <= r <= us[1]):
+      raise ValueError(f"rank must be None or an int in [0, {us[1]}], got {r!r}")
 
   def compact(self) -> "LowRankArray":
     """Drop the zero columns left by a traced rank (concrete factors only).
@@ -84,8 +105,15 @@ class LowRankArray(CompressedLeaf):
 
 
 def matrix_shape(shape) -> tuple[int, int]:
-  """``(m, n) = (prod(shape[:-1]), shape[-1])``: a leaf's matrix view."""
+  """``(m, n) = (prod(shape[:-1]), shape[-1])``: a leaf's matrix view.
+
+  Raises:
+    ValueError: ``shape`` is ``()`` (a scalar has no matrix view).
+  """
   shape = tuple(int(d) for d in shape)
+  if not shape:
+    raise ValueError("matrix_shape: a scalar (shape ()) has no matrix view; "
+                     "low-rank factorization needs ndim >= 2")
   return math.prod(shape[:-1]), shape[-1]
 
 
@@ -124,7 +152,8 @@ def factorize(x: jax.Array, rank, *, path=None,
   dynamic rank): the SVD is computed at full width and singular values at
   index ``>= rank`` are masked to zero, so ``u`` and ``v`` keep
   ``min(m, n)`` columns (or ``max_rank``). A traced ``rank`` outside
-  ``[1, width]`` is clipped into it. With a concrete ``rank`` and no
+  ``[1, width]`` is clipped into it, and a traced NaN means full width
+  (no truncation). With a concrete ``rank`` and no
   ``max_rank`` the factors hold exactly ``rank`` columns.
 
   Args:
@@ -172,22 +201,18 @@ def factorize(x: jax.Array, rank, *, path=None,
     width = int(rank)
   w = jnp.asarray(x).reshape(m, n).astype(jnp.float32)
   u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-  r = jnp.clip(jnp.asarray(rank), 1, width)
+  r = jnp.asarray(rank)
+  if jnp.issubdtype(r.dtype, jnp.inexact):  # a traced NaN rank keeps them all
+    # (keeps index < r, i.e. ceil(r), in integers: no float/int promotion).
+    r = jnp.ceil(jnp.where(jnp.isnan(r), width, r)).astype(jnp.int32)
+  r = jnp.clip(r, 1, width)
   uf, vf = _split_factors(u, s, vt, r, width)
   return LowRankArray(uf, vf, tuple(int(d) for d in x.shape), np.dtype(x.dtype),
                       int(rank) if concrete else None)
 
 
 def _rank_for_leaf(rank: RankSpec, keypath, x):
-  p = _select.path_str(keypath)
-  if callable(rank) and not isinstance(rank, Mapping):
-    return rank(p, x)
-  if isinstance(rank, Mapping):
-    if p not in rank:
-      _checks.fail(keypath, f"no rank given for this leaf; the rank mapping "
-                            f"has keys {sorted(rank)}", KeyError)
-    return rank[p]
-  return rank
+  return _rules.lookup(rank, keypath, x, name="rank", exc=KeyError)
 
 
 def factorize_tree(params: PyTree, *, rank: RankSpec = None,
@@ -235,6 +260,7 @@ def factorize_tree(params: PyTree, *, rank: RankSpec = None,
       return factorize(x, rank_for_energy(x, energy, path=p), path=p,
                        max_rank=max_rank)
   else:
+    _rules.check_used(params, rank, where=where, name="rank")
 
     def fn(p, x):
       return factorize(x, _rank_for_leaf(rank, p, x), path=p, max_rank=max_rank)

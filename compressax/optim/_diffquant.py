@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from compressax import _checks
+from compressax import _rules
 from compressax import _select
 from compressax import quantize as _quantize
 from compressax.optim import _base
@@ -46,13 +47,9 @@ __all__ = ["diff_quant_points", "gradient_norms", "init_points",
            "points_quantized"]
 
 
-def _count(n_points, keypath) -> int:
-  if isinstance(n_points, Mapping):
-    path = _select.path_str(keypath)
-    if path not in n_points:
-      _checks.fail(keypath, f"no point count for {path!r} in n_points")
-    return int(n_points[path])
-  return n_points
+def _count(n_points, keypath, leaf=None) -> int:
+  n = _rules.lookup(n_points, keypath, leaf, name="point count")
+  return int(n) if isinstance(n, (int, np.integer)) else n
 
 
 def init_points(params, n_points: Union[int, Mapping[str, int]], *,
@@ -73,9 +70,11 @@ def init_points(params, n_points: Union[int, Mapping[str, int]], *,
     leaves and ``None`` at the others.
   """
   sel = _select.select(params, where)
+  _rules.check_used(params, n_points, where=where, name="n_points")
   return jax.tree_util.tree_map_with_path(
       lambda kp, x, s: _quantize.points_init(
-          x, _count(n_points, kp), method=method, bucket_size=bucket_size)
+          x, _count(n_points, kp, x), method=method, bucket_size=bucket_size,
+          path=kp)
       if s else None, params, sel)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _rules
 from compressax._select import path_str
 from compressax.prune import _leaves
 from compressax.prune import _rank
@@ -154,15 +155,11 @@ def sparsity_from_patterns(params, patterns: Mapping, *, default=0.0, where=None
   References:
     Han, Mao, Dally, *Deep Compression*, ICLR 2016, arXiv:1510.00149.
   """
-  compiled = []
   for pat, s in patterns.items():
     _rank.check_scalar(f"pattern {pat!r}", s)
-    compiled.append((re.compile(pat), s))
   _rank.check_scalar("default", default)
+  _rules.check_used(params, patterns, where=where, name="patterns")
   treedef, pairs, flags = _leaves.flat_selection(params, where)
-  values = []
-  for (p, _), f in zip(pairs, flags):
-    if f:
-      path = path_str(p)
-      values.append(next((s for rx, s in compiled if rx.search(path)), default))
+  values = [_rules.lookup(patterns, p, x, name="sparsity", default=default)
+            for (p, x), f in zip(pairs, flags) if f]
   return _tree(treedef, flags, values)

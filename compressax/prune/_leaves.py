@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from compressax import _checks
+from compressax import _rules
 from compressax._node import is_compressed
 from compressax._select import is_leaf
 from compressax._select import path_str
@@ -64,13 +65,11 @@ def per_leaf_sparsity(params, sparsity, pairs, flags) -> list:
     if sdef == treedef:
       leaves = jax.tree_util.tree_leaves(sparsity)
       out = [s for s, f in zip(leaves, flags) if f]
-    elif isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
-      out = []
-      for p, _ in selected:
-        if path_str(p) not in sparsity:
-          _checks.fail(p, f"no sparsity given for this leaf (path {path_str(p)!r} "
-                          f"is not a key of the sparsity mapping)")
-        out.append(sparsity[path_str(p)])
+    elif _rules.as_rules(sparsity) is not None:
+      # Rules (regex or exact path, first match wins), as everywhere.
+      out = [_rules.lookup(sparsity, p, x, name="sparsity") for p, x in selected]
+      _rules.check_used(params, sparsity, where=lambda p, x: any(
+          p == path_str(q) for q, _ in selected), name="sparsity")
     else:
       raise TypeError(
           "sparsity must be a scalar, a pytree of scalars with the params' "

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _rules
 from compressax import _select
 from compressax.quantize._codebook import CodebookArray
 from compressax.quantize._codebook import codes_dtype
@@ -358,18 +359,11 @@ def weight_share_tree(params, n_clusters: Union[int, Mapping[str, int]], *,
   References:
     Han et al., *Deep Compression*, ICLR 2016. https://arxiv.org/abs/1510.00149
   """
-  if isinstance(n_clusters, Mapping):
-    rules = [(re.compile(p), k) for p, k in n_clusters.items()]
-  else:
-    rules = [(re.compile(""), n_clusters)]
+  _rules.check_used(params, n_clusters, where=where, name="n_clusters")
   counter = iter(range(1 << 62))
 
   def share(path, leaf):
-    name = _select.path_str(path)
-    k = next((k for pat, k in rules if pat.search(name)), None)
-    if k is None:
-      _checks.fail(path, f"no pattern of n_clusters {list(n_clusters)} matches "
-                         f"the path {name!r}")
+    k = _rules.lookup(n_clusters, path, leaf, name="n_clusters")
     i = next(counter)
     leaf_key = None if key is None else jax.random.fold_in(key, i)
     return _weight_share(path, leaf, k, init=init, iters=iters, tol=tol,

@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _node
 
-__all__ = ["lsq", "lsq_init"]
+__all__ = ["LSQArray", "lsq", "lsq_init", "lsq_quantize"]
 
 
 def _check(path, x, bits, signed):
@@ -46,8 +48,9 @@ def _check(path, x, bits, signed):
 
 
 def _levels(bits, signed):
-  """``(Q_N, Q_P)`` as float32; traced bits are rounded and clipped."""
+  """``(Q_N, Q_P)`` as float32; traced bits are rounded and clipped (NaN: 16)."""
   b = jnp.round(jnp.asarray(bits, jnp.float32))
+  b = jnp.where(jnp.isnan(b), 16.0, b)
   b = jnp.clip(b, 2 if signed else 1, 16).astype(jnp.int32)
   if signed:
     half = jnp.left_shift(1, b - 1).astype(jnp.float32)
@@ -88,7 +91,8 @@ def lsq(x, step, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
       steps). A traced non-positive step is clamped to the smallest normal
       float32.
     bits: bits per value, an integer in ``[2, 16]`` (signed) or ``[1, 16]``
-      (unsigned); a traced value is rounded and clipped into that range.
+      (unsigned); a traced value is rounded and clipped into that range (a
+      traced NaN means 16 bits).
     signed: signed grid ``[-2^(b-1), 2^(b-1) - 1]`` (weights) or unsigned
       ``[0, 2^b - 1]`` (post-ReLU activations).
     path: the name used in error messages.
@@ -138,6 +142,13 @@ def lsq(x, step, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
 def lsq_init(x, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
   """LSQ's initial step ``2 mean|x| / sqrt(Q_P)`` (a float32 scalar).
 
+  When that is not a positive normal float32 (an all-zero ``x``, e.g. a
+  zero-initialized kernel), the step is ``1 / Q_P`` instead: the grid spans
+  ``[-1, 1]`` (``[0, 1]`` unsigned), as :func:`~compressax.quantize.uniform`
+  uses a unit range for a constant group. A zero step would be rejected by
+  :func:`lsq` and, traced, clamped to the smallest float32, where the
+  output and the step's gradient are stuck at zero.
+
   Args:
     x: the values to be quantized (e.g. a weight matrix).
     bits: bits per value, as in :func:`lsq`.
@@ -158,4 +169,70 @@ def lsq_init(x, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
   if x.size == 0:
     _checks.fail(path, "lsq_init needs a non-empty array")
   _, qp = _levels(bits, signed)
-  return 2 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / jnp.sqrt(qp)
+  step = 2 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / jnp.sqrt(qp)
+  return jnp.where(step >= jnp.finfo(jnp.float32).tiny, step, 1 / qp)
+
+
+@_node.compressed_leaf
+@dataclasses.dataclass(frozen=True)
+class LSQArray(_node.CompressedLeaf):
+  """An LSQ-quantized array: integer codes and the learned step.
+
+  ``codes`` hold ``round(clip(x/s, -Q_N, Q_P)) + Q_N`` as unsigned integers
+  (``uint8`` up to 8 bits); the value is ``(codes - Q_N) * step`` computed in
+  float32, which equals :func:`lsq` bit for bit.
+
+  Attributes:
+    codes: unsigned codes of the dense shape.
+    step: the step size (float32, of the shape given to :func:`lsq`).
+    bits: bits per code (static).
+    signed: the grid (static).
+    shape, dtype: the dense array's (static).
+  """
+
+  codes: jax.Array
+  step: jax.Array
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  signed: bool = dataclasses.field(metadata=dict(static=True))
+  shape: tuple = dataclasses.field(metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+
+  def materialize(self) -> jax.Array:
+    qn, _ = _levels(self.bits, self.signed)
+    s = jnp.maximum(jnp.asarray(self.step, jnp.float32),
+                    jnp.finfo(jnp.float32).tiny)
+    r = self.codes.astype(jnp.float32) - qn
+    return (r * jnp.broadcast_to(s, self.shape)).astype(self.dtype)
+
+  def storage_bits(self) -> int:
+    return int(np.size(self.codes)) * int(self.bits) + 32 * int(
+        np.size(self.step))
+
+
+def lsq_quantize(x, step, bits: int, *, signed: bool = True,
+                 path: Any = "x") -> LSQArray:
+  """``x`` on LSQ's grid with step ``step``, as a storable :class:`LSQArray`.
+
+  ``node.materialize()`` equals ``lsq(x, step, bits, signed=signed)`` bit for
+  bit. ``bits`` must be a Python int (it decides the codes' dtype).
+
+  Raises:
+    TypeError, ValueError: as :func:`lsq`.
+
+  References:
+    Esser et al. *Learned Step Size Quantization*. ICLR 2020.
+    https://arxiv.org/abs/1902.08153
+  """
+  if not _checks.is_concrete(bits):
+    _checks.fail(path, "lsq_quantize needs a concrete (Python int) `bits`",
+                 TypeError)
+  q = lsq(x, step, bits, signed=signed, path=path)  # validates everything
+  del q
+  x = jnp.asarray(x)
+  qn, qp = _levels(bits, signed)
+  s = jnp.maximum(jnp.asarray(step, jnp.float32), jnp.finfo(jnp.float32).tiny)
+  r = jnp.round(jnp.clip(x.astype(jnp.float32) / jnp.broadcast_to(s, x.shape),
+                         -qn, qp))
+  dtype = jnp.uint8 if int(bits) <= 8 else jnp.uint16
+  return LSQArray((r + qn).astype(dtype), jnp.asarray(step, jnp.float32),
+                  int(bits), bool(signed), tuple(x.shape), np.dtype(x.dtype))
