@@ -17,7 +17,7 @@ import compressax as cx
 from compressax import io
 
 
-@cx.compressed_leaf
+@cx.compressed_leaf(pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class IoToyCodes(cx.CompressedLeaf):
   """codes * scale + offset: a toy quantized leaf."""
@@ -36,10 +36,10 @@ class IoToyCodes(cx.CompressedLeaf):
     return 4 * self.size + 64
 
 
-@cx.compressed_leaf
+@cx.compressed_leaf(sparse_mask="mask", pointwise=("value",))
 @dataclasses.dataclass(frozen=True)
 class IoToyMasked(cx.CompressedLeaf):
-  """value * mask, where value is an array or another node."""
+  """value * mask, where value is an array or another node (declared sparse)."""
   value: object
   mask: jax.Array
   shape: tuple = dataclasses.field(metadata=dict(static=True))
@@ -327,7 +327,7 @@ def test_lying_manifest_names_file_and_leaf(small_file, tmp_path, lie, where,
 def test_manifest_is_zlib_compressed(small_file, tmp_path):
   _, data, ref = small_file
   magic, ver, flags, mlen, crc = _HDR.unpack_from(data)
-  assert ver == io.FORMAT_VERSION == 2 and flags == io._format.FLAG_ZLIB_MANIFEST
+  assert ver == io.FORMAT_VERSION == 3 and flags == io._format.FLAG_ZLIB_MANIFEST
   stored = data[_HDR.size:_HDR.size + mlen]
   assert crc == zlib.crc32(stored)
   plain = json.dumps(_manifest(data), separators=(",", ":")).encode()
@@ -358,13 +358,16 @@ def test_decompression_bomb_is_refused(small_file, tmp_path, monkeypatch):
   _, data, _ = small_file
   manifest = _manifest(data)
   # Whitespace inflates far past the cap but is valid JSON around the manifest.
-  bomb = zlib.compress(json.dumps(manifest).encode() + b" " * 200_000, 9)
-  assert 64 * len(bomb) < 200_000
-  monkeypatch.setattr(io._format, "_MANIFEST_CAP", 100_000)
-  with pytest.raises(io.CorruptFileError, match="more than"):
-    _load_bytes(str(tmp_path / "b.cx"), _with_manifest(data, bomb))
-  monkeypatch.setattr(io._format, "_MANIFEST_CAP", 64 << 20)
-  _load_bytes(str(tmp_path / "b.cx"), _with_manifest(data, bomb))  # under the cap
+  bomb = zlib.compress(json.dumps(manifest).encode() + b" " * 2_000_000, 9)
+  assert 64 * len(bomb) < 2_000_000
+  del monkeypatch
+  bombed = _with_manifest(data, bomb)
+  with pytest.raises(io.LimitExceededError, match="more than 1,048,576 bytes"):
+    _load_bytes(str(tmp_path / "b.cx"), bombed)
+  with pytest.raises(io.CorruptFileError, match="more than 100,000"):
+    io._format.loads(bombed, "b.cx", max_manifest_bytes=100_000)
+  # Under a raised cap it loads (the whitespace is valid JSON).
+  io._format.loads(bombed, "b.cx", max_manifest_bytes=1 << 22)
 
 
 def test_header_errors(small_file, tmp_path):

@@ -244,7 +244,16 @@ def test_codes_that_do_not_fit_their_width_fall_back(tmp_path):
   assert _grouped.encode_grouped(codes.reshape(-1), node.bits, 16, "bits") is None
   _, data = _save(tmp_path, {"dq": node})
   assert "scheme" not in _fields(_manifest(data)[0], "dq")["codes"]["enc"]
-  _assert_node_equal(node, io._format.loads(data, keep_compressed=True)["dq"])
+  # The generic record holds the codes exactly, but such a node is invalid
+  # (a code beyond its group's width): the loader's validation refuses it.
+  rec = _fields(_manifest(data)[0], "dq")["codes"]
+  start = _HDR.size + _manifest(data)[1]
+  off, length, _ = rec["p"]
+  got = _codec.decode_flat(rec["enc"], data[start + off:start + off + length],
+                           np.dtype(np.uint16), codes.size)
+  np.testing.assert_array_equal(got, codes.reshape(-1))
+  with pytest.raises(io.CorruptFileError, match="dq: .*does not fit"):
+    io._format.loads(data, keep_compressed=True)
 
 
 def test_decoder_rejects_widths_that_disagree():

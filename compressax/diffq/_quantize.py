@@ -24,7 +24,7 @@ from compressax.diffq import _size
 __all__ = ["DiffQArray", "quantize"]
 
 
-@compressed_leaf
+@compressed_leaf(name="compressax.DiffQArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class DiffQArray(CompressedLeaf):
   """A tensor quantized by DiffQ: per-group bit widths, one range per tensor.
@@ -63,6 +63,30 @@ class DiffQArray(CompressedLeaf):
   def _cx_groups(self):
     """For ``cx.io``: pack each group of ``codes`` at its own width in ``bits``."""
     return {"codes": (self.group_size, "bits")}
+
+  def validate(self) -> None:
+    """Codes of the dense shape within their group's width in [1, 15]."""
+    super().validate()
+    g = self.group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+      raise ValueError(f"group_size must be an int >= 0, got {g!r}")
+    codes, bits = np.asarray(self.codes), np.asarray(self.bits)
+    if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.unsignedinteger):
+      raise ValueError(f"codes must be unsigned ints of shape {tuple(self.shape)}, "
+                       f"got {codes.dtype}{list(codes.shape)}")
+    counts = _bits.group_counts(self.size, g)
+    if bits.shape != counts.shape or not np.issubdtype(bits.dtype, np.integer):
+      raise ValueError(f"bits must be ints of shape {counts.shape}, got "
+                       f"{bits.dtype}{list(bits.shape)}")
+    if bits.size and (int(bits.min()) < 1 or int(bits.max()) > _bits.MAX_BITS):
+      raise ValueError(f"bits must be in [1, {_bits.MAX_BITS}]")
+    top = np.repeat((1 << bits.astype(np.int64)) - 1, counts)
+    if codes.size and (codes.reshape(-1).astype(np.int64) > top).any():
+      raise ValueError("a code does not fit its group's bit width")
+    for name in ("lo", "hi"):
+      v = np.asarray(getattr(self, name))
+      if v.shape != () or not np.issubdtype(v.dtype, np.floating):
+        raise ValueError(f"{name} must be a float scalar, got {v.dtype}{list(v.shape)}")
 
   def storage_bits(self) -> int:
     counts = _bits.group_counts(self.size, self.group_size)

@@ -22,8 +22,11 @@ from compressax.io._entropy import huffman_encode
 from compressax.io._format import FORMAT_VERSION
 from compressax.io._format import MAGIC
 from compressax.io._format import CorruptFileError
+from compressax.io._format import LimitExceededError
 from compressax.io._format import load
 from compressax.io._format import save
+from compressax._node import leaf_name
+from compressax._node import leaf_type
 from compressax.io._orbax import restore_checkpoint
 from compressax.io._orbax import save_checkpoint
 from compressax.io._report import LeafSize
@@ -40,6 +43,7 @@ __all__ = [
     "MAGIC",
     "CorruptFileError",
     "LeafSize",
+    "LimitExceededError",
     "SizeReport",
     "ans_decode",
     "ans_encode",
@@ -53,6 +57,8 @@ __all__ = [
     "huffman_code_lengths",
     "huffman_decode",
     "huffman_encode",
+    "leaf_name",
+    "leaf_type",
     "load",
     "pack_bits",
     "packed_nbytes",

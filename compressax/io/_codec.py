@@ -1,6 +1,10 @@
 """One flat array <-> one payload: the encoding chosen for each dtype kind.
 
-* floating (float16/bfloat16/float32/float64, ...): raw little-endian bytes.
+* floating (float16/bfloat16/float32/float64, ...): raw little-endian bytes,
+  or, when its exact ``+0.0`` elements make it smaller (a pruned weight), the
+  mask of its other elements (coded as a bool mask) followed by their raw
+  bytes (``scheme: "zeros"``). A zero is an all-zero bit pattern: ``-0.0`` and
+  NaNs of any payload are values, so the round trip is bit-exact.
 * integer: codes. Shifted by their minimum, stored with the minimal bit width
   ``bit_length(max - min)`` through the smallest of raw bit packing, canonical
   Huffman and ANS (:func:`compressax.io.encode_symbols`); a constant array
@@ -39,6 +43,10 @@ __all__ = []
 
 # Widest relative-index code tried (entropy coding works up to 16 bits).
 _MAX_INDEX_BITS = 16
+# Sparse float coding is tried when at least 1/64 of the elements, and 64
+# bytes of values, are zeros: below that the mask's cost eats the saving.
+_MIN_ZERO_FRACTION = 64
+_MIN_ZERO_BYTES = 64
 
 
 def kind_of(dtype) -> str:
@@ -67,9 +75,20 @@ def encode_flat(flat: np.ndarray, groups=None) -> tuple[dict, bytes]:
   kind = kind_of(flat.dtype)
   n = int(flat.size)
   if kind == "float":
-    data = flat.view(np.dtype(f"u{flat.dtype.itemsize}")).astype(
-        _uint(flat.dtype.itemsize)).tobytes()
-    return dict(kind="float", raw=len(data)), data
+    bits = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
+    data = bits.astype(_uint(flat.dtype.itemsize)).tobytes()
+    dense = dict(kind="float", raw=len(data)), data
+    nonzero = bits != 0
+    zeros = n - int(np.count_nonzero(nonzero))
+    if zeros * flat.dtype.itemsize < _MIN_ZERO_BYTES or \
+        zeros * _MIN_ZERO_FRACTION < n:
+      return dense
+    _, mrec, mpay = encode_mask([nonzero])
+    vals = bits[nonzero].astype(_uint(flat.dtype.itemsize)).tobytes()
+    sparse = (dict(kind="float", scheme="zeros", nnz=n - zeros, mask=mrec,
+                   mask_bytes=len(mpay), raw=mrec["raw"] + len(vals)),
+              mpay + vals)
+    return sparse if encoded_cost(*sparse) < encoded_cost(*dense) else dense
   if kind == "bool":
     return encode_mask([flat])[1:]
   # Integers: subtract the minimum with wrap-around in the same-width unsigned
@@ -179,6 +198,8 @@ def decode_flat(rec: dict, payload, dtype, count: int, siblings=None) -> np.ndar
   if rec.get("kind") != kind:
     raise ValueError(f"encoding {rec.get('kind')!r} does not match dtype {dtype}")
   payload = np.frombuffer(payload, np.uint8)
+  if kind == "float" and "scheme" in rec:
+    return _decode_zeros(rec, payload, dtype, count)
   if kind == "float":
     if payload.size != count * dtype.itemsize:
       raise ValueError(f"{count} x {dtype} needs {count * dtype.itemsize} "
@@ -211,3 +232,30 @@ def decode_flat(rec: dict, payload, dtype, count: int, siblings=None) -> np.ndar
   else:
     u = decode_symbols(rec, payload).astype(u_t)
   return (u + u_t.type(lo)).astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
+
+
+def _decode_zeros(rec: dict, payload: np.ndarray, dtype: np.dtype,
+                  count: int) -> np.ndarray:
+  """A float array stored as the mask of its nonzero elements plus their bytes."""
+  if rec["scheme"] != "zeros":
+    raise ValueError(f"unknown float scheme {rec['scheme']!r}")
+  nnz, mb = rec["nnz"], rec["mask_bytes"]
+  if type(nnz) is not int or type(mb) is not int or not 0 <= nnz <= count \
+      or not 0 <= mb <= payload.size \
+      or payload.size - mb != nnz * dtype.itemsize:  # noqa: E721
+    raise ValueError(f"{nnz!r} nonzeros of {dtype} and a mask of {mb!r} bytes "
+                     f"do not fill a payload of {payload.size} bytes")
+  mrec = rec["mask"]
+  if not isinstance(mrec, dict) or mrec.get("scheme") not in ("bitmap", "relidx"):
+    raise ValueError("bad mask record for the nonzeros")
+  if mrec["scheme"] == "relidx" and int(mrec["count"]) > count + nnz:
+    # Kept entries plus fillers (one per 2^b - 1 pruned positions) fit easily.
+    raise ValueError("more relative-index codes than positions")
+  mask = decode_flat(mrec, payload[:mb], np.bool_, count)
+  if int(np.count_nonzero(mask)) != nnz:
+    raise ValueError(f"the mask keeps {int(np.count_nonzero(mask))} elements, "
+                     f"the record says {nnz}")
+  u_t = np.dtype(f"u{dtype.itemsize}")
+  out = np.zeros(count, u_t)
+  out[mask] = payload[mb:].view(_uint(dtype.itemsize)).astype(u_t)
+  return out.view(dtype)

@@ -3,27 +3,32 @@
 Layout (all integers little-endian)::
 
   offset 0   magic         8 bytes  b"\\x89CXAX\\r\\n\\x1a"
-         8   version       u16      FORMAT_VERSION (2)
+         8   version       u16      FORMAT_VERSION (3)
         10   flags         u16      bit 0: FLAG_ZLIB_MANIFEST; others 0
         12   manifest_len  u64      stored manifest bytes
         20   manifest_crc  u32      zlib.crc32 of the stored manifest bytes
         24   manifest      UTF-8 JSON, zlib-compressed (level 9) if bit 0
              payloads      concatenated; the file ends exactly after them
 
-Version 2 writers always set bit 0 (the JSON shrinks ~4x); readers also take
-a plain JSON manifest (bit 0 clear), and version 1 files (flags 0, plain
+Writers always set bit 0 (the JSON shrinks ~4x); readers also take a plain
+JSON manifest (bit 0 clear), version 2 files (bare class names such as
+``"QuantizedArray"``, no class versions) and version 1 files (flags 0, plain
 manifest, no ``perm``: pre-release, read as before). The CRC covers the stored
-bytes, so a corrupted compressed manifest is caught before it is inflated, and
-inflating stops at ``max(64 MiB, 64 x stored size)`` (decompression bombs).
+bytes, so a corrupted compressed manifest is caught before it is inflated.
+The reader reads the header first and the rest only as the header and
+manifest say, and checks every declared size against the bytes present and
+against :func:`load`'s limits before it allocates (see ``Limits`` below).
 
 The manifest holds ``format``, ``version``, ``payload_bytes`` and ``tree``:
 the pytree as nested records. ``{"t": "dict", "items": [[key, rec], ...]}``
 (string or int keys), ``"list"`` and ``"tuple"`` with ``items``, ``"none"``,
 ``{"t": "array", "shape", "dtype", "enc", "p"}`` and
-``{"t": "node", "class", "meta", "fields": [[name, rec], ...], "kept"}`` for a
-compressed node (any class registered with :func:`compressax.compressed_leaf`;
-its ``data()`` fields are records, its ``meta()`` is JSON with dtypes as
-``{"dtype": name}`` and tuples as lists). ``enc`` is the array encoding (see
+``{"t": "node", "class", "version", "meta", "fields": [[name, rec], ...]}``
+(plus ``"sparse_mask"`` and ``"kept"`` for a node with a declared sparse
+mask) for a compressed node (any class registered with
+:func:`compressax.compressed_leaf`, under its namespaced name such as
+``"compressax.QuantizedArray"``; its ``data()`` fields are records, its
+``meta()`` is JSON with dtypes as ``{"dtype": name}`` and tuples as lists). ``enc`` is the array encoding (see
 ``_codec``) and ``p = [offset, length, crc]`` locates the payload inside the
 payload area. A 2-D+ bool array may carry ``"perm"``, an axis permutation: its
 data is stored flattened after ``np.transpose(x, perm)``. The writer offers
@@ -33,34 +38,51 @@ where ``desc`` is the canonical JSON of the leaf's typed path, enclosing node
 classes and metas, and its record (without ``p``): a manifest that lies about
 a shape, dtype, encoding, key or offset fails that check.
 
-**Sparse-aware nodes.** In a node with a bool ``mask`` field of rank >= 1,
-every other array of exactly the mask's shape (recursively inside nested
-nodes, e.g. the codes of a ``CodebookArray`` inside a ``MaskedArray``) is
-stored only at the kept positions and restored with zeros elsewhere (marked
-``"sparse": true``), in the scan order (``perm``) of the node's mask record,
-so values and positions pair up however the mask was scanned. The node
-materializes to the same dense array because its
-pruned positions are masked out; with ``keep_compressed=True`` the restored
-node holds zeros there instead of the original (irrelevant) values.
+**Declared storage.** How a node is stored is declared by its class, never
+guessed from field names (:func:`compressax.compressed_leaf`). A node whose
+class declares ``sparse_mask="mask"`` (a bool field of rank >= 1, as
+:class:`compressax.prune.MaskedArray`) stores its ``pointwise`` fields of the
+mask's shape (recursively: the pointwise fields of a node in such a field,
+e.g. the codes of a ``CodebookArray`` inside a ``MaskedArray``) only at the
+kept positions and restores zeros elsewhere (marked ``"sparse": true``), in
+the scan order (``perm``) of the mask's record, so values and positions pair
+up however the mask was scanned. The node materializes to the same dense
+array because its pruned positions are masked out; with
+``keep_compressed=True`` the restored node holds zeros there instead of the
+original (irrelevant) values. Every other node is stored field by field,
+exactly. The reader follows the records (``"sparse"`` is covered by the
+payload CRC), so version 2 files, whose writer guessed, load as written.
 
 **Grouped codes.** A node's integer field with a bit width per group of
-elements (a ``_cx_groups`` hook, or ``codes`` + ``bits`` + a ``group_size``
-meta as in :class:`compressax.diffq.DiffQArray`; see ``_grouped``) may be
-stored width class by width class (``enc["scheme"] == "grouped"``, naming the
-widths field). The widths field is then written, and read, before the codes.
+elements, declared by a ``_cx_groups`` hook (as on
+:class:`compressax.diffq.DiffQArray`; see ``_grouped``), may be stored width
+class by width class (``enc["scheme"] == "grouped"``, naming the widths
+field). The widths field is then written, and read, before the codes.
+
+**Zeros.** A float array whose exact ``+0.0`` elements make it smaller is
+stored as a mask of its other elements plus their raw values
+(``enc["scheme"] == "zeros"``, see ``_codec``): bit-exact, ``-0.0`` and NaN
+payloads are values like any other.
+
+**Limits.** :func:`load` refuses, before allocating, a file that would decode
+to more elements, or hold more manifest records, than its limits (by default
+proportional to the file's size; see :func:`load`).
 
 Trees: dicts with string keys (incl. Flax ``FrozenDict``, loaded as ``dict``),
 lists, tuples (``NamedTuple``\\s load as plain tuples), ``None``, arrays and
 Python scalars (loaded as 0-d arrays). An ``nnx.State`` is saved as
-``state.to_pure_dict()``; restore it with
-``nnx.replace_by_pure_dict(state, cx.io.load(path))``.
+``state.to_pure_dict()``. ``load(path, like=tree)`` gives the caller's
+containers back (``FrozenDict``, ``nnx.State``, NamedTuples; ``_like``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
+import tempfile
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -68,24 +90,49 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from compressax._node import CompressedLeaf, leaf_type
+from compressax._node import CompressedLeaf
+from compressax._node import leaf_name
+from compressax._node import leaf_storage
+from compressax._node import leaf_type
+from compressax._node import leaf_version
 from compressax.io._codec import decode_flat, encode_flat, encode_mask, kind_of
 from compressax.io._grouped import group_spec
 
-__all__ = ["save", "load", "CorruptFileError", "FORMAT_VERSION", "MAGIC",
-           "FLAG_ZLIB_MANIFEST"]
+__all__ = ["save", "load", "CorruptFileError", "LimitExceededError",
+           "FORMAT_VERSION", "MAGIC", "FLAG_ZLIB_MANIFEST"]
 
 MAGIC = b"\x89CXAX\r\n\x1a"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FLAG_ZLIB_MANIFEST = 1
 _HEADER = struct.Struct("<8sHHQI")
-# A zlib manifest may inflate to at most this (or 64x its stored size, if
-# larger): a small file cannot make the reader allocate gigabytes.
-_MANIFEST_CAP = 64 << 20
+
+# Default limits (see `load`). A real model file decodes to at most ~26
+# elements per byte (LeNet-5 at 105x against float32, docs/results.md); 1024
+# leaves 40x headroom, and the floor lets a small file hold, e.g., a
+# zero-initialised buffer of a million elements. Each decoded element costs at
+# most ~48 bytes at the peak (output plus the decoders' int64 temporaries).
+ELEMENTS_PER_BYTE = 1024
+MIN_ELEMENTS = 1 << 20
+# A manifest record (JSON object) costs ~0.3-1 KB once parsed and at least a
+# few bytes of the compressed manifest; one per 4 file bytes, floor 2^14.
+RECORDS_PER_BYTE = 0.25
+MIN_RECORDS = 1 << 14
+# A manifest shrinks ~4x under zlib; inflating more than 64x (floor 1 MiB) is
+# refused (decompression bombs).
+MANIFEST_RATIO = 64
+MIN_MANIFEST_BYTES = 1 << 20
+_CHUNK = 1 << 20
 
 
 class CorruptFileError(ValueError):
   """A compressax file is truncated, corrupted, lying or of a newer version."""
+
+
+class LimitExceededError(CorruptFileError):
+  """A file would decode to more than :func:`load`'s limits allow.
+
+  Not necessarily corrupt: a trusted file can be loaded with a higher limit.
+  """
 
 
 def _valid_key(k) -> bool:
@@ -197,29 +244,31 @@ class _Encoder:
     return rec
 
   def node(self, node, tpath, salt, ctx) -> dict:
-    name = type(node).__name__
+    """A node's record. ``ctx``: the enclosing mask, if this node is pointwise."""
     try:
-      registered = leaf_type(name)
-    except ValueError:
-      registered = None
-    if registered is not type(node):
-      raise TypeError(f"{_show(tpath)}: {name} is not registered with "
-                      "compressax.compressed_leaf")
+      name = leaf_name(type(node))
+    except TypeError as e:
+      raise TypeError(f"{_show(tpath)}: {e}") from None
     meta = {k: _meta_json(v, _show(tpath)) for k, v in node.meta().items()}
     salt = salt + json.dumps([name, meta], sort_keys=True)
     data = node.data()
-    rec = {"t": "node", "class": name, "meta": meta, "fields": []}
-    mask = data.get("mask")
-    if mask is not None and not isinstance(mask, CompressedLeaf) \
-        and np.asarray(mask).dtype == bool:
-      rec["fields"].append(["mask", self.tree(mask, tpath + ("n:mask",), salt, ctx)])
+    rec = {"t": "node", "class": name, "version": leaf_version(type(node)),
+           "meta": meta, "fields": []}
+    mask_field, pointwise = leaf_storage(type(node))
+    mask = data.get(mask_field) if mask_field is not None else None
+    own = ctx
+    if _is_array(mask) and np.asarray(mask).dtype == bool:
       m = np.asarray(mask)
-      restored = m & ctx[0] if ctx is not None and ctx[0].shape == m.shape else m
+      outer = ctx if ctx is not None and ctx[0].shape == m.shape else None
+      mrec = self.tree(m, tpath + ("n:" + mask_field,), salt, outer)
+      rec["fields"].append([mask_field, mrec])
+      rec["sparse_mask"] = mask_field
+      restored = m & outer[0] if outer is not None else m
       if m.ndim >= 1:
         rec["kept"] = int(restored.sum())
         # The node's arrays follow the scan order its mask was stored in.
-        perm = tuple(rec["fields"][-1][1].get("perm", range(m.ndim)))
-        ctx = (restored, perm, _scan(restored, perm))
+        perm = tuple(mrec.get("perm", range(m.ndim)))
+        own = (restored, perm, _scan(restored, perm))
       else:  # a 0-d mask broadcasts: all or nothing kept
         rec["kept"] = node.size if bool(m) else 0
     # Per-group widths are written before the codes they lay out, so the
@@ -231,15 +280,16 @@ class _Encoder:
     widths = {s[1] for s in spec.values()}
     order = sorted(data, key=lambda k: k not in widths)
     for k in order:
-      if k == "mask" and "kept" in rec:
+      if k == mask_field and "sparse_mask" in rec:
         continue
       v, sub = data[k], tpath + ("n:" + k,)
+      sub_ctx = own if k in pointwise else None
       if k in spec:
         rec["fields"].append([k, self.array(
-            v, sub, salt, ctx, (np.asarray(data[spec[k][1]]), int(spec[k][0]),
-                                spec[k][1]))])
+            v, sub, salt, sub_ctx, (np.asarray(data[spec[k][1]]), int(spec[k][0]),
+                                    spec[k][1]))])
       else:
-        rec["fields"].append([k, self.tree(v, sub, salt, ctx)])
+        rec["fields"].append([k, self.tree(v, sub, salt, sub_ctx)])
     return rec
 
 
@@ -267,9 +317,13 @@ def save(path, tree) -> int:
   Dense float arrays are stored raw (little-endian), integer arrays as codes
   at their minimal bit width through the best of bit packing / Huffman / ANS,
   bool arrays as relative indices or a bitmap (index width and scan order
-  chosen by entropy-coded size), and compressed nodes field by field, under a
-  zlib-compressed JSON manifest (see the module docstring). The file is written to ``path + ".tmp"``
-  and renamed, so a crash never leaves a half-written ``path``.
+  chosen by entropy-coded size), and compressed nodes as their classes
+  declare, under a zlib-compressed JSON manifest (see the module docstring).
+  Float arrays whose exact zeros make them smaller are stored sparse. The
+  file is written to a temp file of its own in the same folder, synced to
+  disk and renamed over ``path``: concurrent saves to one path leave one of
+  the trees whole, and a crash never leaves a half-written ``path`` (nor,
+  short of a killed process, a temp file).
 
   Args:
     path: the file to write.
@@ -279,7 +333,8 @@ def save(path, tree) -> int:
     The file size in bytes.
 
   Raises:
-    TypeError: naming the leaf, for an unsupported leaf, key or meta value.
+    TypeError: naming the leaf, for an unsupported leaf, key or meta value,
+      or a node class not registered with :func:`compressax.compressed_leaf`.
 
   Example:
     >>> cx.io.save("model.cx", params)  # doctest: +SKIP
@@ -291,20 +346,70 @@ def save(path, tree) -> int:
   """
   pieces = _encode(tree)
   path = os.fspath(path)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    for piece in pieces:
-      f.write(piece)
-  os.replace(tmp, path)
+  folder = os.path.dirname(os.path.abspath(path))
+  # A temp file of its own in the target's folder (so the rename is atomic):
+  # concurrent writers never share one, and a failed write leaves none behind.
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                             suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      for piece in pieces:
+        f.write(piece)
+      f.flush()
+      os.fsync(f.fileno())  # the data is on disk before the name points at it
+    os.chmod(tmp, _file_mode(path))
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+  _fsync_dir(folder)
   return sum(len(p) for p in pieces)
 
 
-def parse(data: bytes, name: str) -> tuple[dict, memoryview]:
-  """Checks the header and manifest of a file's bytes; ``(manifest, payloads)``."""
-  if len(data) < _HEADER.size:
-    raise CorruptFileError(f"{name}: truncated: {len(data)} bytes is shorter "
+def _file_mode(path: str) -> int:
+  """An existing target's permissions, else the umask's default (as ``open``)."""
+  try:
+    return stat.S_IMODE(os.stat(path).st_mode)
+  except OSError:
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+  try:  # Linux: read it without changing it (os.umask is process-wide)
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _fsync_dir(folder: str) -> None:
+  """Makes the rename durable (POSIX); a no-op where folders cannot be opened."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _check_header(head: bytes, name: str) -> tuple[int, int, int, int]:
+  """``(version, flags, manifest_len, manifest_crc)`` of a file's first bytes."""
+  if len(head) < _HEADER.size:
+    raise CorruptFileError(f"{name}: truncated: {len(head)} bytes is shorter "
                            "than the header")
-  magic, version, flags, mlen, mcrc = _HEADER.unpack_from(data)
+  magic, version, flags, mlen, mcrc = _HEADER.unpack_from(head)
   if magic != MAGIC:
     raise CorruptFileError(f"{name}: not a compressax file (bad magic bytes)")
   if version > FORMAT_VERSION:
@@ -312,27 +417,120 @@ def parse(data: bytes, name: str) -> tuple[dict, memoryview]:
                            f"this compressax reads ({FORMAT_VERSION}); upgrade")
   if version < 1 or flags & ~FLAG_ZLIB_MANIFEST or (version == 1 and flags):
     raise CorruptFileError(f"{name}: bad header (version {version}, flags {flags})")
+  return version, flags, mlen, mcrc
+
+
+class _Limits:
+  """The limits of one load, resolved against the file's size."""
+
+  def __init__(self, file_bytes: int, manifest_len: int, max_elements=None,
+               max_records=None, max_manifest_bytes=None):
+    self.elements = max(MIN_ELEMENTS, ELEMENTS_PER_BYTE * file_bytes) \
+        if max_elements is None else _count_arg("max_elements", max_elements)
+    self.records = max(MIN_RECORDS, int(RECORDS_PER_BYTE * file_bytes)) \
+        if max_records is None else _count_arg("max_records", max_records)
+    self.manifest_bytes = max(MIN_MANIFEST_BYTES, MANIFEST_RATIO * manifest_len) \
+        if max_manifest_bytes is None else \
+        _count_arg("max_manifest_bytes", max_manifest_bytes)
+
+
+def _count_arg(what: str, v) -> int:
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+    raise ValueError(f"{what} must be a non-negative int or None, got {v!r}")
+  return int(v)
+
+
+def _manifest(mbytes: bytes, version: int, flags: int, name: str,
+              limits: _Limits) -> dict:
+  """Inflates (bounded) and parses (bounded) a manifest whose CRC was checked."""
+  if flags & FLAG_ZLIB_MANIFEST:
+    mbytes = _inflate(mbytes, limits.manifest_bytes, name)
+  elif len(mbytes) > limits.manifest_bytes:
+    raise LimitExceededError(f"{name}: manifest of {len(mbytes):,} bytes is over "
+                             f"max_manifest_bytes={limits.manifest_bytes:,}")
+  seen = [0]
+
+  def count(obj):
+    seen[0] += 1
+    if seen[0] > limits.records:
+      raise LimitExceededError(
+          f"{name}: the manifest has more than {limits.records:,} records "
+          f"(max_records; by default max({MIN_RECORDS}, {RECORDS_PER_BYTE} x "
+          "file bytes)); pass a larger max_records to load a file you trust")
+    return obj
+
+  try:
+    manifest = json.loads(mbytes, object_hook=count)
+    total = manifest["payload_bytes"]
+    ok = manifest["format"] == "compressax" and manifest["version"] == version \
+        and type(total) is int and total >= 0 and "tree" in manifest  # noqa: E721
+  except LimitExceededError:
+    raise
+  except Exception as e:  # noqa: BLE001  any malformed manifest is corrupt
+    raise CorruptFileError(f"{name}: unreadable manifest ({e})") from None
+  if not ok:
+    raise CorruptFileError(f"{name}: malformed manifest")
+  return manifest
+
+
+def parse(data: bytes, name: str, **limits) -> tuple[dict, memoryview]:
+  """Checks the header and manifest of a file's bytes; ``(manifest, payloads)``.
+
+  ``limits``: ``max_records`` and ``max_manifest_bytes`` as for :func:`load`.
+  """
+  version, flags, mlen, mcrc = _check_header(data[:_HEADER.size], name)
   if _HEADER.size + mlen > len(data):
     raise CorruptFileError(f"{name}: truncated inside the manifest")
   mbytes = bytes(data[_HEADER.size:_HEADER.size + mlen])
   if zlib.crc32(mbytes) != mcrc:
     raise CorruptFileError(f"{name}: manifest checksum mismatch")
-  if flags & FLAG_ZLIB_MANIFEST:
-    mbytes = _inflate(mbytes, max(_MANIFEST_CAP, 64 * mlen), name)
-  try:
-    manifest = json.loads(mbytes)
-    total = manifest["payload_bytes"]
-    ok = manifest["format"] == "compressax" and manifest["version"] == version \
-        and isinstance(total, int) and "tree" in manifest
-  except Exception as e:  # noqa: BLE001  any malformed manifest is corrupt
-    raise CorruptFileError(f"{name}: unreadable manifest ({e})") from None
-  if not ok:
-    raise CorruptFileError(f"{name}: malformed manifest")
+  manifest = _manifest(mbytes, version, flags, name,
+                       _Limits(len(data), mlen, **limits))
   start = _HEADER.size + mlen
-  if start + total != len(data):
+  if start + manifest["payload_bytes"] != len(data):
     raise CorruptFileError(f"{name}: file has {len(data)} bytes, the manifest "
-                           f"says {start + total} (truncated or padded)")
+                           f"says {start + manifest['payload_bytes']} "
+                           "(truncated or padded)")
   return manifest, memoryview(data)[start:]
+
+
+def _read_exact(f, n: int, name: str, what: str) -> bytes:
+  """``n`` bytes, read in chunks: a lying length allocates only what exists."""
+  parts, left = [], n
+  while left:
+    part = f.read(min(left, _CHUNK))
+    if not part:
+      raise CorruptFileError(f"{name}: truncated inside {what}")
+    parts.append(part)
+    left -= len(part)
+  return b"".join(parts)
+
+
+def _read_file(name: str, max_records=None, max_manifest_bytes=None):
+  """``(manifest, payloads, file_bytes)``: the header first, then as declared."""
+  with open(name, "rb") as f:
+    st = os.fstat(f.fileno())
+    regular = stat.S_ISREG(st.st_mode)
+    head = f.read(_HEADER.size)
+    version, flags, mlen, mcrc = _check_header(head, name)
+    if regular and _HEADER.size + mlen > st.st_size:
+      raise CorruptFileError(f"{name}: truncated inside the manifest")
+    mbytes = _read_exact(f, mlen, name, "the manifest")
+    if zlib.crc32(mbytes) != mcrc:
+      raise CorruptFileError(f"{name}: manifest checksum mismatch")
+    known = st.st_size if regular else _HEADER.size + mlen
+    manifest = _manifest(mbytes, version, flags, name,
+                         _Limits(known, mlen, None, max_records, max_manifest_bytes))
+    start = _HEADER.size + mlen
+    total = manifest["payload_bytes"]
+    if regular and start + total != st.st_size:
+      raise CorruptFileError(f"{name}: file has {st.st_size} bytes, the manifest "
+                             f"says {start + total} (truncated or padded)")
+    payloads = _read_exact(f, total, name, "the payloads")
+    if f.read(1):
+      raise CorruptFileError(f"{name}: the file is longer than the manifest "
+                             "says (padded)")
+  return manifest, memoryview(payloads), start + total
 
 
 def _inflate(zbytes: bytes, cap: int, name: str) -> bytes:
@@ -340,9 +538,11 @@ def _inflate(zbytes: bytes, cap: int, name: str) -> bytes:
   try:
     d = zlib.decompressobj()
     out = d.decompress(zbytes, cap)
-    if d.unconsumed_tail:
-      raise CorruptFileError(f"{name}: manifest inflates to more than {cap} "
-                             "bytes (a decompression bomb?)")
+    if d.unconsumed_tail or (len(out) == cap and d.decompress(b"", 1)):
+      raise LimitExceededError(
+          f"{name}: manifest inflates to more than {cap:,} bytes (a "
+          "decompression bomb? max_manifest_bytes; by default max(1 MiB, "
+          f"{MANIFEST_RATIO} x its stored size))")
     if not d.eof or d.unused_data:
       raise CorruptFileError(f"{name}: compressed manifest is truncated or "
                              "followed by junk")
@@ -379,11 +579,23 @@ def _perm(rec, ndim: int) -> tuple:
 class _Decoder:
   """Rebuilds the pytree from the manifest tree, verifying every payload."""
 
-  def __init__(self, name: str, payloads: memoryview, keep_compressed: bool):
+  def __init__(self, name: str, payloads: memoryview, keep_compressed: bool,
+               max_elements: int):
     self.name, self.buf, self.keep = name, payloads, keep_compressed
+    self.limit = self.left = max_elements
 
   def fail(self, tpath, msg):
     raise CorruptFileError(f"{self.name}: {_show(tpath)}: {msg}")
+
+  def charge(self, tpath, n: int, what: str):
+    """Books ``n`` elements against the limit before they are allocated."""
+    if n > self.left:
+      raise LimitExceededError(
+          f"{self.name}: {_show(tpath)}: {what} needs {n:,} elements, over the "
+          f"limit of {self.limit:,} for this file (max_elements; by default "
+          f"max(2**20, {ELEMENTS_PER_BYTE} x file bytes)); pass a larger "
+          "max_elements to load a file you trust")
+    self.left -= n
 
   def tree(self, rec, tpath, salt, ctx, in_node=False, siblings=None):
     try:
@@ -407,6 +619,7 @@ class _Decoder:
         node = self.node(rec, tpath, salt, ctx)
         if in_node or self.keep:
           return node
+        self.charge(tpath, node.size, "materializing the node")
         return np.asarray(node.materialize())
       self.fail(tpath, f"unknown record type {t!r}")
     except CorruptFileError:
@@ -416,27 +629,32 @@ class _Decoder:
 
   def array(self, rec, tpath, salt, ctx, siblings=None) -> np.ndarray:
     shape = tuple(rec["shape"])
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not all(type(d) is int and d >= 0 for d in shape):  # noqa: E721
       self.fail(tpath, f"bad shape {rec['shape']!r}")
     dtype = jnp.dtype(rec["dtype"])
     off, length, crc = rec["p"]
-    if not (isinstance(off, int) and isinstance(length, int) and off >= 0
+    if not (type(off) is int and type(length) is int and off >= 0  # noqa: E721
             and length >= 0 and off + length <= len(self.buf)):
       self.fail(tpath, f"payload [{off}, +{length}) is outside the file")
     payload = self.buf[off:off + length]
     if _crc(payload, _desc(tpath, salt, rec)) != crc:
       self.fail(tpath, "payload checksum mismatch (corrupted data or manifest)")
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
+    self.charge(tpath, n, f"an array of shape {list(shape)}")
+    enc = rec["enc"]
+    if isinstance(enc, dict) and enc.get("scheme") == "relidx":
+      # Relative-index codes (with fillers) are decoded before the mask.
+      self.charge(tpath, int(enc["count"]), "the mask's relative indices")
     perm = _perm(rec, len(shape))
     if rec.get("sparse"):
       if ctx is None or ctx.shape != shape:
         self.fail(tpath, "sparse array without a matching mask")
       sel = _scan(ctx, perm)
-      flat = decode_flat(rec["enc"], payload, dtype, int(sel.sum()))
+      flat = decode_flat(enc, payload, dtype, int(sel.sum()))
       out = np.zeros(n, dtype)
       out[sel] = flat
     else:
-      out = decode_flat(rec["enc"], payload, dtype, n, siblings)
+      out = decode_flat(enc, payload, dtype, n, siblings)
     # Undo the scan order: the flat data is the array transposed by `perm`.
     out = out.reshape(tuple(shape[p] for p in perm))
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
@@ -444,50 +662,101 @@ class _Decoder:
 
   def node(self, rec, tpath, salt, ctx):
     cls = leaf_type(rec["class"])
+    version = rec.get("version", 1)
+    if type(version) is not int or version < 1:  # noqa: E721
+      self.fail(tpath, f"bad class version {version!r}")
+    if version > leaf_version(cls):
+      self.fail(tpath, f"{rec['class']} version {version} is newer than the "
+                f"registered class {cls.__module__}.{cls.__qualname__} (version "
+                f"{leaf_version(cls)}); upgrade the package that defines it")
     meta = {k: _meta_py(v) for k, v in rec["meta"].items()}
     salt = salt + json.dumps([rec["class"], rec["meta"]], sort_keys=True)
     fields = dict(rec["fields"])
     data = {}
     if "kept" in rec:  # the mask was written first; its restored form is the context
-      m = self.tree(fields["mask"], tpath + ("n:mask",), salt, ctx, True)
-      data["mask"] = m
-      if m.ndim >= 1:
+      mask_field = rec.get("sparse_mask", "mask")  # version 2: always "mask"
+      m = self.tree(fields[mask_field], tpath + ("n:" + mask_field,), salt, ctx, True)
+      data[mask_field] = m
+      if isinstance(m, np.ndarray) and m.ndim >= 1:
         ctx = m
     for k, r in rec["fields"]:
       if k not in data:
         data[k] = self.tree(r, tpath + ("n:" + k,), salt, ctx, True, data)
-    return cls(**data, **meta)
+    node = cls(**data, **meta)
+    node.validate()  # the meta must agree with the data (forged manifests)
+    return node
 
 
-def load(path, *, keep_compressed: bool = False) -> Any:
+def load(path, *, keep_compressed: bool = False, like=None,
+         max_elements: int | None = None, max_records: int | None = None,
+         max_manifest_bytes: int | None = None) -> Any:
   """Reads a file written by :func:`save`.
+
+  The header is read first and the rest only as far as it and the manifest
+  say; every declared size is checked against the bytes present and against
+  the limits below *before* anything is allocated, so a small hostile file
+  cannot make the reader allocate gigabytes. The defaults scale with the
+  file's size (a real model file decodes to ~26 elements per byte at most);
+  raise them to load a trusted file that compresses better, e.g. large
+  constant buffers.
 
   Args:
     path: the file.
     keep_compressed: if True, compressed nodes are returned as nodes (with
       NumPy arrays in their data fields) instead of dense arrays.
+    like: a tree whose containers the result takes: a dict, Flax
+      ``FrozenDict``, ``nnx.State``, list, tuple or NamedTuple tree with the
+      file's keys and lengths (its leaves' shapes and dtypes are checked
+      too). Compressed nodes in the file stay nodes (as with
+      ``keep_compressed=True``). ``like`` itself is not modified.
+    max_elements: the most array elements the load may decode in all
+      (arrays, masks' index codes and materialized nodes); default
+      ``max(2**20, 1024 * file_bytes)``.
+    max_records: the most JSON objects (records, encodings, metas) the
+      manifest may hold; default ``max(2**14, file_bytes // 4)``.
+    max_manifest_bytes: the most bytes the manifest may inflate to; default
+      ``max(2**20, 64 * stored_manifest_bytes)``.
 
   Returns:
-    The pytree (dicts, lists, tuples) with NumPy arrays of the original dtypes
-    and shapes, bit-identical to what was saved on any machine (pruned
-    positions of sparse-aware nodes aside, see the module docstring).
+    The pytree (dicts, lists, tuples, or ``like``'s containers) with NumPy
+    arrays of the original dtypes and shapes, bit-identical to what was saved
+    on any machine (pruned positions of nodes with a declared sparse mask
+    aside, see the module docstring).
 
   Raises:
     CorruptFileError: (a ``ValueError``) naming the file and the leaf, for a
-      truncated or corrupted file, a wrong magic, a newer format version or a
-      manifest that disagrees with its payloads.
+      truncated or corrupted file, a wrong magic, a newer format or class
+      version, a manifest that disagrees with its payloads or a node whose
+      meta disagrees with its data.
+    LimitExceededError: (a ``CorruptFileError``) the file would exceed a limit.
+    ValueError: naming the path where the file's tree and ``like`` disagree.
 
   References:
     Han, Mao, Dally. Deep Compression. ICLR 2016.
     https://arxiv.org/abs/1510.00149
   """
   name = os.fspath(path)
-  with open(name, "rb") as f:
-    data = f.read()
-  return loads(data, name, keep_compressed=keep_compressed)
+  manifest, payloads, size = _read_file(name, max_records, max_manifest_bytes)
+  return _decode(manifest, payloads, size, name, keep_compressed, like,
+                 max_elements)
 
 
-def loads(data: bytes, name: str = "<bytes>", *, keep_compressed: bool = False):
+def loads(data: bytes, name: str = "<bytes>", *, keep_compressed: bool = False,
+          like=None, max_elements: int | None = None,
+          max_records: int | None = None,
+          max_manifest_bytes: int | None = None):
   """:func:`load` from the file's bytes; ``name`` is used in errors."""
-  manifest, payloads = parse(data, name)
-  return _Decoder(name, payloads, keep_compressed).tree(manifest["tree"], (), "", None)
+  manifest, payloads = parse(data, name, max_records=max_records,
+                             max_manifest_bytes=max_manifest_bytes)
+  return _decode(manifest, payloads, len(data), name, keep_compressed, like,
+                 max_elements)
+
+
+def _decode(manifest, payloads, size, name, keep, like, max_elements):
+  limit = _Limits(size, 0, max_elements).elements
+  dec = _Decoder(name, payloads, keep or like is not None, limit)
+  tree = dec.tree(manifest["tree"], (), "", None)
+  if like is None:
+    return tree
+  from compressax.io._like import restore_like
+  return restore_like(tree, like, name)

@@ -18,9 +18,9 @@ bit width separately, and so does this module:
   plus ``bytes``, its payload size. Payloads follow in the same order.
 
 A node opts in with a method ``_cx_groups(self) -> {field: (group_size,
-widths_field)}``. Nodes without it follow a convention instead: integer data
-fields ``codes`` and ``bits`` and an int meta field ``group_size`` (0 = one
-group per tensor), as :class:`compressax.diffq.DiffQArray` has. The writer
+widths_field)}`` (group size 0 = one group per tensor), as
+:class:`compressax.diffq.DiffQArray` does; nothing is inferred from field
+names (a node without the hook is stored field by field). The writer
 uses the grouped layout only when it is consistent (one width per group, every
 code fits its width) and smaller than the generic integer encoding.
 
@@ -49,11 +49,6 @@ def group_spec(node) -> dict:
   if callable(hook):
     spec = hook()
     return dict(spec) if isinstance(spec, dict) else {}
-  meta, data = node.meta(), node.data()
-  g = meta.get("group_size")
-  if "codes" in data and "bits" in data and isinstance(g, (int, np.integer)) \
-      and not isinstance(g, bool):
-    return {"codes": (int(g), "bits")}
   return {}
 
 

@@ -27,7 +27,7 @@ class LeafSize:
 
   Attributes:
     path: ``/``-joined leaf path.
-    kind: ``"dense"`` or the node's class name.
+    kind: ``"dense"`` or the node's class name (without its namespace).
     params: elements of the dense array it stands for.
     kept: weights kept (the mask's count for a masked node, else ``params``).
     value_bytes_raw / value_bytes: weights, scales, codebooks... before and
@@ -195,7 +195,8 @@ def _leaves(rec, path):
       s = sums[a["dtype"] == "bool"]
       s[0] += int(a["enc"]["raw"])
       s[1] += int(a["p"][1])
-    yield LeafSize("/".join(path), "dense" if t == "array" else rec["class"],
+    kind = "dense" if t == "array" else rec["class"].rsplit(".", 1)[-1]
+    yield LeafSize("/".join(path), kind,
                    params, params if kept is None else int(kept),
                    sums[False][0], sums[False][1], sums[True][0], sums[True][1])
 

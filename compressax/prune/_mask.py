@@ -21,7 +21,8 @@ from compressax._select import select
 __all__ = ["MaskedArray", "apply_mask", "mask_to_nodes", "sparsity_stats"]
 
 
-@compressed_leaf
+@compressed_leaf(name="compressax.MaskedArray", sparse_mask="mask",
+                 pointwise=("value",))
 @dataclasses.dataclass(frozen=True)
 class MaskedArray(CompressedLeaf):
   """A pruned leaf: values plus a keep-mask of the dense shape.
@@ -58,6 +59,19 @@ class MaskedArray(CompressedLeaf):
       kept = int(np.count_nonzero(np.asarray(self.mask)))
       value_bits = kept * np.dtype(self.dtype).itemsize * 8
     return value_bits + numel
+
+  def validate(self) -> None:
+    """A bool mask and a value of the dense shape (or 0-d)."""
+    super().validate()
+    shape = tuple(self.shape)
+    mask = np.asarray(self.mask)
+    if mask.dtype != bool or mask.shape not in (shape, ()):
+      raise ValueError(f"mask must be bool of shape {shape}, got "
+                       f"{mask.dtype}{list(mask.shape)}")
+    vshape = tuple(self.value.shape) if is_compressed(self.value) \
+        else np.shape(self.value)
+    if vshape not in (shape, ()):
+      raise ValueError(f"value has shape {vshape}, the meta says {shape}")
 
 
 def _check_mask_tree(params, mask):

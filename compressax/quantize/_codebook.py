@@ -41,7 +41,7 @@ def codes_dtype(n: int):
   return jnp.uint8 if n <= 256 else jnp.uint16
 
 
-@compressed_leaf
+@compressed_leaf(name="compressax.CodebookArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class CodebookArray(CompressedLeaf):
   """A dense array stored as integer codes into a float32 codebook.
@@ -79,6 +79,19 @@ class CodebookArray(CompressedLeaf):
 
   def storage_bits(self) -> int:
     return self.size * self.bits + 32 * self.n_clusters
+
+  def validate(self) -> None:
+    """Codes of the dense shape, each indexing the 1-D codebook."""
+    super().validate()
+    codes, cents = np.asarray(self.codes), np.asarray(self.centroids)
+    if cents.ndim != 1 or not cents.size or not np.issubdtype(cents.dtype, np.floating):
+      raise ValueError(f"centroids must be a non-empty 1-D float array, got "
+                       f"{cents.dtype}{list(cents.shape)}")
+    if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.integer):
+      raise ValueError(f"codes must be ints of shape {tuple(self.shape)}, got "
+                       f"{codes.dtype}{list(codes.shape)}")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= cents.size):
+      raise ValueError(f"codes must index {cents.size} centroids")
 
 
 def _bucketed(x, bucket_size):

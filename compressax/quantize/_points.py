@@ -36,7 +36,7 @@ __all__ = ["PointsArray", "quantize_points"]
 _MAX_POINTS = 2 ** 16
 
 
-@compressed_leaf
+@compressed_leaf(name="compressax.PointsArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class PointsArray(CompressedLeaf):
   """Codes into per-tensor points in [0, 1], de-scaled per bucket.
@@ -92,6 +92,28 @@ class PointsArray(CompressedLeaf):
     """
     floats = int(self.points.size) + int(self.alpha.size) + int(self.beta.size)
     return self.size * self.bits + 32 * floats
+
+  def validate(self) -> None:
+    """Codes of the dense shape indexing ``points``; one alpha, beta per bucket."""
+    super().validate()
+    b = self.bucket_size
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+      raise ValueError(f"bucket_size must be None or an int >= 1, got {b!r}")
+    codes, pts = np.asarray(self.codes), np.asarray(self.points)
+    if pts.ndim != 1 or not pts.size or not np.issubdtype(pts.dtype, np.floating):
+      raise ValueError(f"points must be a non-empty 1-D float array, got "
+                       f"{pts.dtype}{list(pts.shape)}")
+    if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.integer):
+      raise ValueError(f"codes must be ints of shape {tuple(self.shape)}, got "
+                       f"{codes.dtype}{list(codes.shape)}")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= pts.size):
+      raise ValueError(f"codes must index {pts.size} points")
+    n = 1 if b is None else -(-self.size // b)
+    for name in ("alpha", "beta"):
+      v = np.asarray(getattr(self, name))
+      if v.shape != (n,) or not np.issubdtype(v.dtype, np.floating):
+        raise ValueError(f"{name} must be floats of shape ({n},), got "
+                         f"{v.dtype}{list(v.shape)}")
 
 
 # Compiled in both directions: XLA contracts `p * alpha + beta` into a fused

@@ -337,7 +337,7 @@ def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
   return _ste_core(x, jnp.asarray(bits), key if stochastic else None, config)
 
 
-@_node.compressed_leaf
+@_node.compressed_leaf(name="compressax.QuantizedArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray(_node.CompressedLeaf):
   """Uniformly quantized array: integer codes plus per-group scale and offset.
@@ -369,6 +369,40 @@ class QuantizedArray(_node.CompressedLeaf):
     return _materialize_jit(self.codes, self.scale, self.offset,
                             int(self.bits), bool(self.symmetric), layout,
                             np.dtype(self.dtype))
+
+  def validate(self) -> None:
+    """Codes of the dense shape within ``bits``; one scale (offset) per group."""
+    super().validate()
+    bits, lo = self.bits, 2 if self.symmetric else 1
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
+        or not lo <= bits <= 16:
+      raise ValueError(f"bits must be an int in [{lo}, 16], got {bits!r}")
+    if not isinstance(self.symmetric, bool):
+      raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+    shape = tuple(self.shape)
+    axes = self.axis
+    if axes is not None:
+      axes = tuple(axes)
+      if not all(isinstance(a, int) and not isinstance(a, bool)
+                 and 0 <= a < len(shape) for a in axes) or \
+          len(set(axes)) != len(axes):
+        raise ValueError(f"axis {self.axis!r} does not fit shape {shape}")
+    b = self.bucket_size
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+      raise ValueError(f"bucket_size must be None or an int >= 1, got {b!r}")
+    codes = np.asarray(self.codes)
+    if codes.shape != shape or not np.issubdtype(codes.dtype, np.unsignedinteger):
+      raise ValueError(f"codes must be unsigned ints of shape {shape}, got "
+                       f"{codes.dtype}{list(codes.shape)}")
+    if codes.size and int(codes.max()) >> int(bits):
+      raise ValueError(f"a code does not fit in {bits} bits")
+    n = math.prod(_Layout(shape, axes, b).scale_shape) if math.prod(shape) else None
+    for name, want in (("scale", n), ("offset", 0 if self.symmetric else n)):
+      v = np.asarray(getattr(self, name))
+      if v.ndim != 1 or (want is not None and v.shape[0] != want) or \
+          not np.issubdtype(v.dtype, np.floating):
+        raise ValueError(f"{name} must be floats of shape ({want},), got "
+                         f"{v.dtype}{list(v.shape)}")
 
   def storage_bits(self) -> int:
     """``codes.size * bits + 32 * (scale.size + offset.size)``.
