@@ -93,3 +93,32 @@ def check_same_structure(path, a: Any, b: Any, what: str = "mask") -> None:
   if ta != tb:
     fail(path, f"the {what} tree does not match the params tree:\n"
                f"  params: {ta}\n  {what}: {tb}")
+
+
+def check_tree(tree: Any, what: str = "params") -> None:
+  """A Flax module where a pytree of arrays belongs is a ``TypeError``.
+
+  Flax ``nnx`` modules are pytrees themselves, so without this check a module
+  would be walked silently (its RNG counts and batch statistics taken for
+  weights) or fail deep inside with a structure error. Only the type of the
+  root is looked at, so the check is free.
+
+  Raises:
+    TypeError: saying what to pass instead.
+  """
+  for cls in type(tree).__mro__:
+    module = getattr(cls, "__module__", "") or ""
+    if cls.__name__ == "Module" and module.startswith("flax."):
+      kind = "nnx" if ".nnx" in module else "linen"
+      raise TypeError(
+          f"{what}: got a Flax {kind} Module ({type(tree).__name__}) where a "
+          "pytree of arrays belongs; pass nnx.state(model) (or the state of "
+          "nnx.split(model)) for an nnx model, or the linen variables / "
+          "params dict (variables = model.init(key, x); variables['params'])")
+
+
+def check_leaf(path, x, hint: str = "") -> None:
+  """An array (not a tree) belongs here; a dict, list or tuple says so."""
+  if isinstance(x, (dict, list, tuple)) or not hasattr(x, "shape"):
+    fail(path, f"expected one array, got a {type(x).__name__}{hint}",
+         TypeError)

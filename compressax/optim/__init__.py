@@ -18,6 +18,7 @@ from compressax.optim._diffquant import diff_quant_points
 from compressax.optim._diffquant import gradient_norms
 from compressax.optim._diffquant import init_points
 from compressax.optim._diffquant import points_quantized
+from compressax.optim._find import find_state
 from compressax.optim._lsq import lsq_init_steps
 from compressax.optim._lsq import lsq_params
 from compressax.optim._pruning import PruneState
@@ -46,6 +47,7 @@ __all__ = [
     "diffq_loss",
     "diffq_optimizer",
     "finalize",
+    "find_state",
     "gradient_norms",
     "init_points",
     "lsq_init_steps",

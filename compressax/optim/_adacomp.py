@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ import optax
 
 from compressax import _checks
 from compressax import _select
+from compressax.optim import _base
 
 __all__ = ["AdaCompState", "adacomp", "adacomp_compress", "adacomp_residual",
            "compression_stats"]
@@ -133,9 +135,20 @@ def adacomp_compress(residual: jax.Array, grad: jax.Array, bin_size: int):
     exactly ``(residual + grad) - sent`` as computed in the gradient's dtype,
     and ``n_sent`` (int32) counts the sent elements.
 
+  Raises:
+    ValueError: ``bin_size`` is not a positive int.
+
   References:
     Chen et al., AAAI 2018, Algorithm 1. https://arxiv.org/abs/1712.02679
   """
+  if isinstance(bin_size, (bool, np.bool_)) or not isinstance(
+      bin_size, (int, np.integer)) or bin_size < 1:
+    raise ValueError(f"adacomp_compress: bin_size must be a positive int, got "
+                     f"{bin_size!r}")
+  hint = ("; it compresses one layer, for a tree of gradients use "
+          "cx.optim.adacomp")
+  _checks.check_leaf("adacomp_compress: residual", residual, hint)
+  _checks.check_leaf("adacomp_compress: grad", grad, hint)
   sent, new_res, n_sent = _compress_binned(_binned(residual, bin_size), grad,
                                            bin_size)
   return sent, _unbinned(new_res, grad.shape), n_sent
@@ -216,61 +229,105 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
     Chen et al., *AdaComp*, AAAI 2018. https://arxiv.org/abs/1712.02679
   """
   for name, v in (("bin_size_conv", bin_size_conv), ("bin_size_fc", bin_size_fc)):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer, jax.Array)):
       raise ValueError(f"adacomp: {name} must be a positive int, got {v!r}")
-
-  def bin_size(leaf) -> int:
-    return bin_size_conv if leaf.ndim >= 3 else bin_size_fc
+  bin_size_conv, bin_size_fc = (
+      _base.static_int("adacomp", name, v, "'bin_size_conv', 'bin_size_fc'")
+      for name, v in (("bin_size_conv", bin_size_conv),
+                      ("bin_size_fc", bin_size_fc)))
+  for name, v in (("bin_size_conv", bin_size_conv), ("bin_size_fc", bin_size_fc)):
+    if v < 1:
+      raise ValueError(f"adacomp: {name} must be a positive int, got {v!r}")
+  config = _Config(bin_size_conv, bin_size_fc, _base.Static(axis_name),
+                   _base.Static(where))
 
   def init(params):
-    sel = _select.select(params, where)
+    _checks.check_tree(params, "adacomp.init")
+    sel = _base.selection(params, where, "adacomp", "compressed")
     def residual(x, s):
       if not s:
-        return jnp.zeros((), x.dtype)
-      return jnp.zeros((-(-x.size // bin_size(x)), bin_size(x)), x.dtype)
-    leaves = jax.tree_util.tree_leaves(params)
-    dense = np.array([32.0 * np.size(x) for x in leaves], np.float32)
+        return jnp.zeros((), _dtype(x))
+      return jnp.zeros((-(-x.size // config.bin_size(x)), config.bin_size(x)),
+                       x.dtype)
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_select.is_leaf)
+    dense = np.array([32.0 * _size(x) for x in leaves], np.float32)
     return AdaCompState(
-        residual=jax.tree_util.tree_map(residual, params, sel),
+        residual=jax.tree_util.tree_map(residual, params, sel,
+                                        is_leaf=_select.is_leaf),
         sent=jnp.zeros((len(leaves),), jnp.int32),
         bits=jnp.asarray(np.stack([np.zeros_like(dense), dense])))
 
   def update(updates, state, params=None):
     del params
-    sel = _select.select(updates, where)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    flags = treedef.flatten_up_to(sel)
-    res = treedef.flatten_up_to(state.residual)
-    out, new_res, counts, bits = [], [], [], []
-    for (path, g), r, s in zip(paths, res, flags):
-      if s:
-        want = (-(-g.size // bin_size(g)), bin_size(g))
-        if r.shape != want:
-          raise ValueError(
-              f"adacomp: the residual of {_select.path_str(path)} has shape "
-              f"{r.shape}, expected {want} (the gradient flattened into bins "
-              f"of {bin_size(g)}); build the state with this transform's init")
-        sent, r_new, k = _compress_binned(r, g, bin_size(g))
-        b = (k.astype(jnp.float32) * float(_index_bits(g.size) + 1)
-             + jnp.where(k > 0, 32.0, 0.0).astype(jnp.float32))
-      else:
-        sent, r_new = g, r
-        k = jnp.asarray(g.size, jnp.int32)
-        b = jnp.asarray(32.0 * g.size, jnp.float32)
-      out.append(sent)
-      new_res.append(r_new)
-      counts.append(k)
-      bits.append(b)
-    if axis_name is not None:
-      # One collective over all leaves: per-leaf pmeans are separate
-      # all-reduces, each a cross-device rendezvous.
-      out = jax.lax.pmean(out, axis_name)
-    unflat = treedef.unflatten
-    return unflat(out), AdaCompState(
-        unflat(new_res), jnp.stack(counts),
-        jnp.stack([jnp.stack(bits), state.bits[1]]))
+    _checks.check_tree(updates, "adacomp.update")
+    return _update(config, updates, state)
 
   return optax.GradientTransformation(init, update)
+
+
+def _size(x) -> int:
+  """Elements of a leaf (a compressed node: of all its arrays)."""
+  return sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(x))
+
+
+def _dtype(x):
+  leaves = jax.tree_util.tree_leaves(x)
+  return leaves[0].dtype if leaves else jnp.float32
+
+
+class _Config(NamedTuple):
+  """:func:`adacomp`'s construction-time config (a static kernel argument)."""
+  bin_size_conv: int
+  bin_size_fc: int
+  axis_name: Any
+  where: Any
+
+  def bin_size(self, leaf) -> int:
+    return self.bin_size_conv if leaf.ndim >= 3 else self.bin_size_fc
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _update(config, updates, state):
+  """:func:`adacomp`'s update, one jitted kernel for every instance.
+
+  The config is static, so eager calls reuse one compiled program; inside an
+  outer ``jit`` (or ``shard_map``) the call is inlined.
+  """
+  sel = _base.selection(updates, config.where.value, "adacomp", "compressed")
+  paths, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_select.is_leaf)
+  flags = treedef.flatten_up_to(sel)
+  res = treedef.flatten_up_to(state.residual)
+  out, new_res, counts, bits = [], [], [], []
+  for (path, g), r, s in zip(paths, res, flags):
+    if s:
+      size = config.bin_size(g)
+      want = (-(-g.size // size), size)
+      if r.shape != want:
+        raise ValueError(
+            f"adacomp: the residual of {_select.path_str(path)} has shape "
+            f"{r.shape}, expected {want} (the gradient flattened into bins "
+            f"of {size}); build the state with this transform's init")
+      sent, r_new, k = _compress_binned(r, g, size)
+      b = (k.astype(jnp.float32) * float(_index_bits(g.size) + 1)
+           + jnp.where(k > 0, 32.0, 0.0).astype(jnp.float32))
+    else:
+      # Sent densely (a compressed node's gradient too: all its arrays).
+      sent, r_new = g, r
+      k = jnp.asarray(_size(g), jnp.int32)
+      b = jnp.asarray(32.0 * _size(g), jnp.float32)
+    out.append(sent)
+    new_res.append(r_new)
+    counts.append(k)
+    bits.append(b)
+  if config.axis_name.value is not None:
+    # One collective over all leaves: per-leaf pmeans are separate
+    # all-reduces, each a cross-device rendezvous.
+    out = jax.lax.pmean(out, config.axis_name.value)
+  unflat = treedef.unflatten
+  return unflat(out), AdaCompState(
+      unflat(new_res), jnp.stack(counts),
+      jnp.stack([jnp.stack(bits), state.bits[1]]))
 
 
 def compression_stats(state: AdaCompState, where: _select.Where = None

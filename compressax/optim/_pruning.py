@@ -22,6 +22,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from compressax import _checks
+from compressax import _node
 from compressax import _select
 from compressax import prune as _prune
 from compressax.optim import _base
@@ -50,48 +53,141 @@ class PruneState(NamedTuple):
   inner_state: Any
 
 
-def _all_kept(params, where):
-  sel = _select.select(params, where)
+def _all_kept(params, where, name):
+  sel = _base.selection(params, where, name, "pruned")
+  # A SKIP marker in the params (a Plan's side state) stays a marker, so the
+  # mask tree keeps the params' structure for plain tree_maps.
   return jax.tree_util.tree_map(
-      lambda x, s: jnp.ones(jnp.shape(x), bool) if s else jnp.ones((), bool),
-      params, sel)
+      lambda x, s: jnp.ones(jnp.shape(x), bool) if s else
+      (x if _select.is_skip(x) else jnp.ones((), bool)),
+      params, sel, is_leaf=_select.is_leaf)
 
 
 def _keep(m, x):
+  if _select.is_skip(m) or _node.is_compressed(x):
+    return x
   return jnp.where(m, x, jnp.zeros_like(x))
 
 
+def _force(m, p, u):
+  """The update that leaves ``p`` at exactly zero where ``m`` is off."""
+  if _select.is_skip(m) or _node.is_compressed(p):
+    return u  # compressed nodes train through the inner optimizer as is
+  return jnp.where(m, u.astype(p.dtype), -p)
+
+
+def _tree_map(fn, *trees):
+  return jax.tree_util.tree_map(fn, *trees, is_leaf=_select.is_leaf)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _masked_update(name, inner, rule, extra_static, updates, state, params,
+                   dynamic, extra_args):
+  """The shared update: mask gradients, run ``inner``, force zeros.
+
+  One jitted kernel for every pruning transform: the construction-time
+  config (``inner``, ``rule``) is static, so eager calls reuse one compiled
+  program (a ``lax.cond`` of fresh lambdas would recompile every call), and
+  array hyperparameters (``dynamic``) are arguments, so a new value does not
+  recompile either. Inside an outer ``jit`` the call is inlined.
+  """
+  inner = optax.with_extra_args_support(inner.value)
+  extra_args = _base.join_extra_args(extra_static, extra_args)
+  masks = state.masks
+  if rule is not None:
+    hp = rule.hyperparams(dynamic)
+    # From the weights as they are (pruned ones already zero). Deciding the
+    # mask before the inner update keeps the cond small: the gradient, the
+    # inner update and the final `where` then fuse into one pass per leaf.
+    masks = jax.lax.cond(
+        rule.is_update(state.count, hp),
+        lambda: rule.new_masks(_tree_map(_keep, state.masks, params),
+                               state.count, hp),
+        lambda: state.masks)
+  grads = _tree_map(_keep, masks, updates)
+  inner_u, inner_state = inner.update(grads, state.inner_state, params,
+                                      **extra_args)
+  out = _tree_map(_force, masks, params, inner_u)
+  return out, PruneState(state.count + 1, masks, inner_state)
+
+
 def _masked_training(inner, name: str, initial_masks: Callable[[Any], Any],
-                     new_masks: Callable[[Any, jax.Array], Any],
-                     is_update: Callable[[jax.Array], jax.Array] | None
+                     rule: Any = None, dynamic: dict | None = None
                      ) -> optax.GradientTransformationExtraArgs:
-  """The shared wrapper: mask gradients, run ``inner``, force zeros."""
-  inner = optax.with_extra_args_support(_base.check_inner(inner, name))
+  """The shared wrapper around :func:`_masked_update`."""
+  inner = _base.check_inner(inner, name)
+  static_inner = _base.Static(inner)
+  dynamic = dynamic or {}
 
   def init(params):
+    _checks.check_tree(params, name + ".init")
     return PruneState(jnp.zeros((), jnp.int32), initial_masks(params),
-                      inner.init(params))
+                      optax.with_extra_args_support(inner).init(params))
 
   def update(updates, state, params=None, **extra_args):
+    _checks.check_tree(updates, name + ".update")
     _base.require_params(params, name)
-    tm = jax.tree_util.tree_map
-    masks = state.masks
-    if is_update is not None:
-      # From the weights as they are (pruned ones already zero). Deciding the
-      # mask before the inner update keeps the cond small: the gradient, the
-      # inner update and the final `where` then fuse into one pass per leaf.
-      masks = jax.lax.cond(
-          is_update(state.count),
-          lambda: new_masks(tm(_keep, state.masks, params), state.count),
-          lambda: state.masks)
-    grads = tm(_keep, masks, updates)
-    inner_u, inner_state = inner.update(grads, state.inner_state, params,
-                                        **extra_args)
-    out = tm(lambda m, p, u: jnp.where(m, u.astype(p.dtype), -p),
-             masks, params, inner_u)
-    return out, PruneState(state.count + 1, masks, inner_state)
+    _checks.check_tree(params, name + ".update")
+    extra_static, extra_args = _base.split_extra_args(extra_args)
+    return _masked_update(name, static_inner, rule, extra_static, updates,
+                          state, params, dynamic, extra_args)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _polynomial(count, hp):
+  """The Zhu-Gupta sparsity at ``count``; array steps allowed."""
+  keys = ("begin_step", "end_step", "frequency", "power")
+  if all(_base.is_python_number(hp[k]) for k in keys):
+    return _prune.polynomial_schedule(
+        count, initial_sparsity=hp["initial_sparsity"],
+        final_sparsity=hp["final_sparsity"], begin_step=hp["begin_step"],
+        end_step=hp["end_step"], frequency=hp["frequency"], power=hp["power"])
+  # The same formula with the steps as (possibly traced) arrays.
+  f32 = jnp.float32
+  t = jnp.asarray(count).astype(f32)
+  b, e, f = (jnp.asarray(hp[k]).astype(f32) for k in keys[:3])
+  frac = jnp.clip(jnp.floor((t - b) / f) * f / jnp.maximum(e - b, 1.0),
+                  0.0, 1.0)
+  frac = jnp.where(e == b, jnp.where(t >= b, 1.0, 0.0).astype(f32), frac)
+  s_i = jnp.asarray(hp["initial_sparsity"]).astype(f32)
+  s_f = jnp.asarray(hp["final_sparsity"]).astype(f32)
+  power = hp["power"]
+  if not _base.is_python_number(power):
+    power = jnp.asarray(power).astype(f32)
+  return s_f + (s_i - s_f) * (1.0 - frac) ** power
+
+
+def _steps(count, hp, name):
+  v = hp[name]
+  return v if _base.is_python_number(v) else jnp.asarray(v).astype(count.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Magnitude:
+  """The static config of :func:`prune_magnitude`'s mask updates."""
+  static: tuple  # ((name, Python number), ...); array ones come as `dynamic`
+  scope: str
+  distribution: str
+  where: _base.Static
+
+  def hyperparams(self, dynamic):
+    return {**dict(self.static), **dynamic}
+
+  def is_update(self, count, hp):
+    b, e, f = (_steps(count, hp, k) for k in ("begin_step", "end_step",
+                                              "frequency"))
+    return (count >= b) & (count <= e) & ((count - b) % f == 0)
+
+  def new_masks(self, after, count, hp):
+    where = _base.selection(after, self.where.value, "prune_magnitude",
+                            "pruned")
+    s = _polynomial(count, hp)
+    if self.distribution == "erk":
+      s = _prune.erk_sparsity(after, s, where=where)
+    # One sparsity per call: the bisection beats a sort on CPU.
+    return _prune.magnitude_mask(after, s, scope=self.scope, where=where,
+                                 method="bisect")
 
 
 def prune_magnitude(inner: optax.GradientTransformation, *,
@@ -145,6 +241,7 @@ def prune_magnitude(inner: optax.GradientTransformation, *,
   _checks.check_sparsity(name, final_sparsity)
   _checks.check_sparsity(name + " initial_sparsity", initial_sparsity)
   _base.check_steps(name, begin_step, end_step, frequency)
+  _checks.check_range(name, "power", power, 0, float("inf"), lo_open=True)
   if scope not in ("layer", "global"):
     raise ValueError(f"{name}: scope must be 'layer' or 'global', got {scope!r}")
   if distribution not in ("uniform", "erk"):
@@ -153,37 +250,26 @@ def prune_magnitude(inner: optax.GradientTransformation, *,
   if distribution == "erk" and scope != "layer":
     raise ValueError(f"{name}: distribution='erk' sets per-layer sparsities; "
                      "use scope='layer'")
-
-  def sparsity_at(count):
-    return _prune.polynomial_schedule(
-        count, initial_sparsity=initial_sparsity,
-        final_sparsity=final_sparsity, begin_step=begin_step,
-        end_step=end_step, frequency=frequency, power=power)
-
-  def new_masks(after, count):
-    s = sparsity_at(count)
-    if distribution == "erk":
-      s = _prune.erk_sparsity(after, s, where=where)
-    # One sparsity per call: the bisection beats a sort on CPU.
-    return _prune.magnitude_mask(after, s, scope=scope, where=where,
-                                 method="bisect")
-
-  def is_update(count):
-    return ((count >= begin_step) & (count <= end_step)
-            & ((count - begin_step) % frequency == 0))
-
-  return _masked_training(inner, name, lambda p: _all_kept(p, where),
-                          new_masks, is_update)
+  static, dynamic = _base.split_hyperparams(
+      name, final_sparsity=final_sparsity, initial_sparsity=initial_sparsity,
+      begin_step=begin_step, end_step=end_step, frequency=frequency,
+      power=power)
+  rule = _Magnitude(static, scope, distribution, _base.Static(where))
+  return _masked_training(inner, name, lambda p: _all_kept(p, where, name),
+                          rule, dynamic)
 
 
 def _check_nm_leaves(params, m: int, axis: int, where):
-  for kp, x in _select.selected_leaves(params, where):
+  sel = _base.selection(params, where, "prune_nm", "pruned")
+  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_select.is_leaf)
+  flags = jax.tree_util.tree_leaves(sel, is_leaf=_select.is_leaf)
+  for kp, x in (pair for pair, s in zip(leaves, flags) if s):
     ax = _checks.check_axis(kp, axis, x.ndim)
     if x.shape[ax] % m:
       _checks.fail(kp, f"prune_nm: axis {axis} has length {x.shape[ax]}, "
                        f"which m={m} does not divide (exclude the leaf with "
                        "`where`)")
-  return _all_kept(params, where)
+  return _all_kept(params, sel, "prune_nm")
 
 
 def prune_fixed(inner: optax.GradientTransformation, mask: Any
@@ -207,14 +293,28 @@ def prune_fixed(inner: optax.GradientTransformation, mask: Any
     Han, Mao, Dally, *Deep Compression*, ICLR 2016.
     https://arxiv.org/abs/1510.00149
   """
+  name = "prune_fixed"
   if mask is None:
-    raise TypeError("prune_fixed: mask is missing")
+    raise TypeError(f"{name}: mask is missing")
 
   def initial(params):
-    _checks.check_same_structure("prune_fixed", params, mask)
-    return jax.tree_util.tree_map(lambda m: jnp.asarray(m, bool), mask)
+    _checks.check_same_structure(name, params, mask)
 
-  return _masked_training(inner, "prune_fixed", initial, None, None)
+    def one(kp, x, m):
+      if _select.is_skip(m):
+        return m
+      m = jnp.asarray(m, bool)
+      if _node.is_compressed(x) and (m.ndim or not bool(m)):
+        _checks.fail(kp, f"{name}: a compressed node ({type(x).__name__}) "
+                         "cannot be pruned by this transform; give it a 0-d "
+                         "True mask (build the mask with a `where` that "
+                         "leaves it out) or materialize it first", TypeError)
+      return m
+
+    return jax.tree_util.tree_map_with_path(one, params, mask,
+                                            is_leaf=_select.is_leaf)
+
+  return _masked_training(inner, name, initial)
 
 
 def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
@@ -249,22 +349,40 @@ def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
     https://arxiv.org/abs/2104.08378
   """
   name = "prune_nm"
-  if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)):
-    raise TypeError(f"{name}: n and m must be Python ints, got {n!r}, {m!r}")
+  hint = "'n', 'm', 'axis'"
+  n, m, axis = (_base.static_int(name, k, v, hint)
+                for k, v in (("n", n), ("m", m), ("axis", axis)))
   if not 0 < n <= m:
     raise ValueError(f"{name}: need 0 < n <= m, got n={n}, m={m}")
   _base.check_steps(name, begin_step, begin_step, frequency)
-
-  def new_masks(after, count):
-    del count
-    sel = _select.select(after, where)
-    return jax.tree_util.tree_map(
-        lambda x, s: _prune.nm_mask(x, n, m, axis=axis) if s
-        else jnp.ones((), bool), after, sel)
-
-  def is_update(count):
-    return (count >= begin_step) & ((count - begin_step) % frequency == 0)
-
+  static, dynamic = _base.split_hyperparams(name, begin_step=begin_step,
+                                            frequency=frequency)
+  rule = _NM(static, n, m, axis, _base.Static(where))
   return _masked_training(inner, name,
                           lambda p: _check_nm_leaves(p, m, axis, where),
-                          new_masks, is_update)
+                          rule, dynamic)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NM:
+  """The static config of :func:`prune_nm`'s mask updates."""
+  static: tuple
+  n: int
+  m: int
+  axis: int
+  where: _base.Static
+
+  def hyperparams(self, dynamic):
+    return {**dict(self.static), **dynamic}
+
+  def is_update(self, count, hp):
+    b, f = _steps(count, hp, "begin_step"), _steps(count, hp, "frequency")
+    return (count >= b) & ((count - b) % f == 0)
+
+  def new_masks(self, after, count, hp):
+    del count, hp
+    sel = _base.selection(after, self.where.value, "prune_nm", "pruned")
+    return jax.tree_util.tree_map(
+        lambda x, s: _prune.nm_mask(x, self.n, self.m, axis=self.axis) if s
+        else (x if _select.is_skip(x) else jnp.ones((), bool)), after, sel,
+        is_leaf=_select.is_leaf)

@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -38,6 +39,7 @@ import numpy as np
 import optax
 
 from compressax import _checks
+from compressax import _rules
 from compressax import _select
 from compressax import quantize as _quantize
 from compressax.optim import _base
@@ -83,11 +85,14 @@ def _code_dtype(n_clusters: int):
 def _clusters_for(spec, bits, keypath, leaf, n_kept=None) -> int:
   path = _select.path_str(keypath)
   if bits is not None:
-    b = bits(path, leaf) if callable(bits) else bits
+    b = _rules.lookup(bits, keypath, leaf, name="bits")
     _checks.check_bits(keypath, b, 1, 16)
     k = 2 ** int(b)
   else:
-    k = spec(path, leaf) if callable(spec) else spec
+    k = _rules.lookup(spec, keypath, leaf, name="n_clusters")
+    if (_checks.is_concrete(k) and np.ndim(k) == 0
+        and np.issubdtype(getattr(k, "dtype", object), np.integer)):
+      k = int(k)  # an integer array, e.g. from optax.inject_hyperparams
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
       _checks.fail(keypath, f"n_clusters must be a positive int, got {k!r}")
   n = leaf.size if n_kept is None else n_kept
@@ -165,18 +170,32 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
     Han, Mao, Dally, ICLR 2016, section 3. https://arxiv.org/abs/1510.00149
   """
   name = "weight_sharing"
-  if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+  lr = None
+  if _base.is_python_number(inner):
     inner = optax.sgd(float(inner))
-  inner = optax.with_extra_args_support(_base.check_inner(inner, name))
+  elif isinstance(inner, (jax.Array, np.ndarray)) and np.ndim(inner) == 0:
+    # A learning rate as an array (optax.inject_hyperparams makes one): an
+    # argument of the kernel, so a new value does not recompile.
+    lr, inner = inner, None
+  if inner is not None:
+    inner = optax.with_extra_args_support(_base.check_inner(inner, name))
+  static_inner = _base.Static(inner)
+  static_where = _base.Static(where)
   if (n_clusters is None) == (bits is None):
     raise ValueError(f"{name}: give exactly one of n_clusters and bits")
-  if bits is not None and not callable(bits):
+  _base.check_int(name, "kmeans_iters", kmeans_iters)
+  if bits is not None and not callable(bits) and _rules.as_rules(bits) is None:
     _checks.check_bits(name, bits, 1, 16)
 
   def init(params):
-    sel = _select.select(params, where)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    treedef = jax.tree_util.tree_structure(params)
+    _checks.check_tree(params, name + ".init")
+    iters = _base.static_int(name, "kmeans_iters", kmeans_iters,
+                             "'kmeans_iters'")
+    sel = _base.selection(params, where, name, "shared")
+    _rules.check_used(params, n_clusters if bits is None else bits,
+                      where=where, name="n_clusters" if bits is None else "bits")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=_select.is_leaf)
     flags = treedef.flatten_up_to(sel)
     given = mask(params) if callable(mask) else mask
     if given is None:
@@ -186,6 +205,8 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       masks = treedef.flatten_up_to(given)
 
     def cluster(kp, x, s, m):
+      if _select.is_skip(x):  # a marker (a Plan's side state) stays one
+        return x, x, None
       if not s:
         return jnp.full((), -1, jnp.int32), jnp.zeros((), x.dtype), None
       _checks.check_floating(kp, x)
@@ -198,7 +219,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       if m is None:
         _checks.check_finite(kp, x)
         k = _clusters_for(n_clusters, bits, kp, x)
-        c, codes = _quantize.kmeans(x, k, init=init_name, iters=kmeans_iters)
+        c, codes = _quantize.kmeans(x, k, init=init_name, iters=iters)
         return (jnp.asarray(codes, _code_dtype(k)).reshape(x.shape),
                 jnp.asarray(c, x.dtype).reshape(k), None)
       # Cluster exactly the kept values (a one-time gather with a concrete
@@ -207,7 +228,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       kept = jnp.asarray(x).reshape(-1)[idx]
       _checks.check_finite(kp, kept)
       k = _clusters_for(n_clusters, bits, kp, x, n_kept=idx.size)
-      c, codes = _quantize.kmeans(kept, k, init=init_name, iters=kmeans_iters)
+      c, codes = _quantize.kmeans(kept, k, init=init_name, iters=iters)
       full = jnp.zeros((x.size,), _code_dtype(k)).at[idx].set(
           jnp.asarray(codes, _code_dtype(k)).reshape(-1))
       return (full.reshape(x.shape), jnp.asarray(c, x.dtype).reshape(k),
@@ -222,60 +243,83 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       kept = treedef.unflatten([jnp.asarray(True) if m is None else m
                                 for _, _, m in triples])
     shadow = _shadow(params, cents, sel)
-    return WeightSharingState(codes, cents, inner.init(shadow), kept)
+    tx = optax.sgd(lr) if inner is None else inner
+    return WeightSharingState(codes, cents, tx.init(shadow), kept)
 
   def update(updates, state, params=None, **extra_args):
+    _checks.check_tree(updates, name + ".update")
     _base.require_params(params, name)
-    sel = _select.select(params, where)
-    tm = jax.tree_util.tree_map
-
-    masks = (tm(lambda _: jnp.asarray(True), state.codes)
-             if state.mask is None else state.mask)
-
-    def cgrad(g, codes, c, s, m):
-      if not s:
-        return g
-      if m.ndim:
-        g = jnp.where(m, g, jnp.zeros_like(g))
-      return jax.ops.segment_sum(g.reshape(-1), codes.reshape(-1),
-                                 num_segments=c.shape[0]).astype(c.dtype)
-
-    cgrads = tm(cgrad, updates, state.codes, state.centroids, sel, masks)
-    shadow = _shadow(params, state.centroids, sel)
-    u, inner_state = inner.update(cgrads, state.inner_state, shadow,
-                                  **extra_args)
-
-    def step(p, codes, c, du, s, m):
-      if not s:
-        return du, c
-      d = (c + du.astype(c.dtype)) - c
-      new_c = c + d
-      # One row gather; `old_c + step_c` is the very float op that made
-      # `new_c`, so it equals `new_c[codes]` without a third column.
-      rows = jnp.take(jnp.stack([c, d], axis=1), codes, axis=0, mode="clip")
-      old_c, step_c = rows[..., 0], rows[..., 1]
-      out = jnp.where(p == old_c, step_c, (old_c + step_c) - p)
-      if m.ndim:
-        # `p + (-p)` is exactly zero: pruned weights land on, and stay at, 0.
-        out = jnp.where(m, out, -p)
-      return out.astype(p.dtype), new_c
-
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    args = [treedef.flatten_up_to(t)
-            for t in (state.codes, state.centroids, u, sel, masks)]
-    pairs = [step(p, *rest) for p, *rest in zip(leaves, *args)]
-    outs = treedef.unflatten([o for o, _ in pairs])
-    cents = treedef.unflatten([c for _, c in pairs])
-    return outs, WeightSharingState(state.codes, cents, inner_state,
-                                    state.mask)
+    _checks.check_tree(params, name + ".update")
+    extra_static, extra_args = _base.split_extra_args(extra_args)
+    return _update(static_inner, static_where, extra_static, updates, state,
+                   params, lr, extra_args)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _update(inner, where, extra_static, updates, state, params, lr,
+            extra_args):
+  """:func:`weight_sharing`'s update, one jitted kernel for every instance.
+
+  The construction-time config is static, so eager calls reuse one compiled
+  program; inside an outer ``jit`` the call is inlined.
+  """
+  inner = optax.sgd(lr) if inner.value is None else inner.value
+  inner = optax.with_extra_args_support(inner)
+  extra_args = _base.join_extra_args(extra_static, extra_args)
+  sel = _base.selection(params, where.value, "weight_sharing", "shared")
+  leaf = _select.is_leaf
+
+  masks = (jax.tree_util.tree_map(lambda _: jnp.asarray(True), state.codes)
+           if state.mask is None else state.mask)
+
+  def cgrad(g, codes, c, s, m):
+    if not s:
+      return g
+    if m.ndim:
+      g = jnp.where(m, g, jnp.zeros_like(g))
+    return jax.ops.segment_sum(g.reshape(-1), codes.reshape(-1),
+                               num_segments=c.shape[0]).astype(c.dtype)
+
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=leaf)
+  grads = treedef.flatten_up_to(updates)
+  codes, cents, flags, kept = (treedef.flatten_up_to(t) for t in
+                               (state.codes, state.centroids, sel, masks))
+  cgrads = treedef.unflatten([cgrad(*a) for a in
+                              zip(grads, codes, cents, flags, kept)])
+  shadow = _shadow(params, state.centroids, sel)
+  u, inner_state = inner.update(cgrads, state.inner_state, shadow,
+                                **extra_args)
+
+  def step(p, codes, c, du, s, m):
+    if not s:
+      return du, c
+    d = (c + du.astype(c.dtype)) - c
+    new_c = c + d
+    # One row gather; `old_c + step_c` is the very float op that made
+    # `new_c`, so it equals `new_c[codes]` without a third column.
+    rows = jnp.take(jnp.stack([c, d], axis=1), codes, axis=0, mode="clip")
+    old_c, step_c = rows[..., 0], rows[..., 1]
+    out = jnp.where(p == old_c, step_c, (old_c + step_c) - p)
+    if m.ndim:
+      # `p + (-p)` is exactly zero: pruned weights land on, and stay at, 0.
+      out = jnp.where(m, out, -p)
+    return out.astype(p.dtype), new_c
+
+  pairs = [step(p, *rest) for p, *rest in
+           zip(leaves, codes, cents, treedef.flatten_up_to(u), flags, kept)]
+  outs = treedef.unflatten([o for o, _ in pairs])
+  new_cents = treedef.unflatten([c for _, c in pairs])
+  return outs, WeightSharingState(state.codes, new_cents, inner_state,
+                                  state.mask)
 
 
 def _shadow(params, centroids, sel):
   """The tree the inner optimizer sees: centroids, or the params themselves."""
   return jax.tree_util.tree_map(lambda p, c, s: c if s else p,
-                                params, centroids, sel)
+                                params, centroids, sel,
+                                is_leaf=_select.is_leaf)
 
 
 def shared_params(params, state: WeightSharingState, where: _select.Where = None):
