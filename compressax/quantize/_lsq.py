@@ -109,6 +109,7 @@ def lsq(x, step, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
       shape that does not broadcast to ``x``.
 
   Example:
+    >>> w = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
     >>> s = lsq_init(w, 4)
     >>> loss = lambda w, s: jnp.sum(lsq(w, s, 4) ** 2)
     >>> gw, gs = jax.grad(loss, argnums=(0, 1))(w, s)
@@ -173,7 +174,7 @@ def lsq_init(x, bits, *, signed: bool = True, path: Any = "x") -> jax.Array:
   return jnp.where(step >= jnp.finfo(jnp.float32).tiny, step, 1 / qp)
 
 
-@_node.compressed_leaf
+@_node.compressed_leaf(name="compressax.LSQArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class LSQArray(_node.CompressedLeaf):
   """An LSQ-quantized array: integer codes and the learned step.
