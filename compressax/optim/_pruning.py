@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -53,7 +54,7 @@ class PruneState(NamedTuple):
   inner_state: Any
 
 
-def _all_kept(params, where, name):
+def _all_kept(params, where, name="prune"):
   sel = _base.selection(params, where, name, "pruned")
   # A SKIP marker in the params (a Plan's side state) stays a marker, so the
   # mask tree keeps the params' structure for plain tree_maps.
@@ -111,10 +112,38 @@ def _masked_update(name, inner, rule, extra_static, updates, state, params,
   return out, PruneState(state.count + 1, masks, inner_state)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Callables:
+  """A mask rule from two functions (the method layer's Channel uses it)."""
+  new_masks_fn: Callable[[Any, jax.Array], Any]
+  is_update_fn: Callable[[jax.Array], jax.Array]
+
+  def hyperparams(self, dynamic):
+    return dynamic
+
+  def is_update(self, count, hp):
+    del hp
+    return self.is_update_fn(count)
+
+  def new_masks(self, after, count, hp):
+    del hp
+    return self.new_masks_fn(after, count)
+
+
 def _masked_training(inner, name: str, initial_masks: Callable[[Any], Any],
-                     rule: Any = None, dynamic: dict | None = None
+                     new_masks: Callable[[Any, jax.Array], Any] | None = None,
+                     is_update: Callable[[jax.Array], jax.Array] | None = None,
+                     *, rule: Any = None, dynamic: dict | None = None
                      ) -> optax.GradientTransformationExtraArgs:
-  """The shared wrapper around :func:`_masked_update`."""
+  """The shared wrapper around :func:`_masked_update`.
+
+  The mask updates come from ``rule`` (a hashable config object with
+  ``hyperparams``, ``is_update`` and ``new_masks``; array hyperparameters in
+  ``dynamic``) or from the two functions ``new_masks(after, count)`` and
+  ``is_update(count)``; neither: the masks are held.
+  """
+  if new_masks is not None:
+    rule = _Callables(new_masks, is_update)
   inner = _base.check_inner(inner, name)
   static_inner = _base.Static(inner)
   dynamic = dynamic or {}
@@ -256,7 +285,7 @@ def prune_magnitude(inner: optax.GradientTransformation, *,
       power=power)
   rule = _Magnitude(static, scope, distribution, _base.Static(where))
   return _masked_training(inner, name, lambda p: _all_kept(p, where, name),
-                          rule, dynamic)
+                          rule=rule, dynamic=dynamic)
 
 
 def _check_nm_leaves(params, m: int, axis: int, where):
@@ -318,7 +347,7 @@ def prune_fixed(inner: optax.GradientTransformation, mask: Any
 
 
 def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
-             axis: int = -1, begin_step: int = 0, frequency: int = 1,
+             axis: int | None = None, begin_step: int = 0, frequency: int = 1,
              where: _select.Where = None
              ) -> optax.GradientTransformationExtraArgs:
   """N:M structured sparsity (keep ``n`` of every ``m``) while training.
@@ -331,8 +360,10 @@ def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
     inner: the optimizer to wrap.
     n: weights kept per group.
     m: group size along ``axis``.
-    axis: the axis grouped (the input dimension of a Dense kernel is 0; the
-      default ``-1`` groups along the output dimension).
+    axis: the axis grouped (``-2``: the input features of Dense and conv
+      kernels; ``-1``: the output features). Pass it explicitly: without it
+      ``-1`` is used with a ``DeprecationWarning`` (the default becomes
+      ``-2``, as in ``cx.prune.nm_mask_tree`` and ``cx.methods.NM``).
     begin_step: first step that applies the mask.
     frequency: steps between mask recomputations.
     where: which leaves to prune.
@@ -349,6 +380,14 @@ def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
     https://arxiv.org/abs/2104.08378
   """
   name = "prune_nm"
+  if axis is None:
+    warnings.warn(
+        "prune_nm: pass axis= explicitly. Its default (-1, the output features "
+        "of a Dense kernel) disagrees with cx.prune.nm_mask_tree and "
+        "cx.methods.NM (-2, the input features, as sparse tensor cores and "
+        "Wang et al. 2022 use) and becomes -2 in the next release",
+        DeprecationWarning, stacklevel=2)
+    axis = -1
   hint = "'n', 'm', 'axis'"
   n, m, axis = (_base.static_int(name, k, v, hint)
                 for k, v in (("n", n), ("m", m), ("axis", axis)))
@@ -360,7 +399,7 @@ def prune_nm(inner: optax.GradientTransformation, n: int, m: int, *,
   rule = _NM(static, n, m, axis, _base.Static(where))
   return _masked_training(inner, name,
                           lambda p: _check_nm_leaves(p, m, axis, where),
-                          rule, dynamic)
+                          rule=rule, dynamic=dynamic)
 
 
 @dataclasses.dataclass(frozen=True)
