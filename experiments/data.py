@@ -22,6 +22,8 @@ scikit-learn digits; no other normalization) and int32 labels. Specs:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Iterator, NamedTuple
 
@@ -180,6 +182,18 @@ def _reachable(url: str, timeout: float) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+  """Only errors from ``logger`` inside the block."""
+  log = logging.getLogger(logger)
+  level = log.level
+  log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
+
+
 def _missing_modules(names) -> list[str]:
   import importlib.util
   return [m for m in names if importlib.util.find_spec(m) is None]
@@ -188,26 +202,28 @@ def _missing_modules(names) -> list[str]:
 def _load_tfds(name: str) -> Dataset:
   where = f"tfds:{name}"
   alternatives = "or use --dataset npz:PATH or digits"
+  extra = ("the tfds extra: `pip install 'compressax[tfds]'`, in a checkout "
+           "`pip install -e '.[tfds]'`")
   try:
     import tensorflow_datasets as tfds  # heavy and optional: import lazily
   except ImportError as e:
-    raise ImportError(
-        f"{where} needs tensorflow-datasets ({e}): `pip install "
-        f"'compressax[tfds]'`, {alternatives}") from e
+    raise ImportError(f"{where} needs tensorflow-datasets ({e}): {extra}; "
+                      f"{alternatives}") from e
   try:
-    builder = tfds.builder(name)  # data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    with _quiet("absl"):  # not tfds' "Variant folder ... has no dataset_info.json"
+      builder = tfds.builder(name)  # data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets
+      prepared = builder.is_prepared()
   except ModuleNotFoundError as e:
     raise ImportError(f"{where}: tensorflow-datasets needs the module "
-                      f"{e.name!r}: `pip install 'compressax[tfds]'`") from e
+                      f"{e.name!r}: {extra}") from e
   except ValueError as e:  # tfds' DatasetNotFoundError
     raise ValueError(f"{where}: TensorFlow Datasets has no data set {name!r} "
                      f"({type(e).__name__})") from None
   needs = []
   missing = _missing_modules(TFDS_MODULES)
   if missing:
-    needs.append(f"the module(s) {', '.join(missing)} (`pip install "
-                 f"'compressax[tfds]'`)")
-  if not builder.is_prepared() and not _reachable(TFDS_PROBE_URL,
+    needs.append(f"the module(s) {', '.join(missing)} ({extra})")
+  if not prepared and not _reachable(TFDS_PROBE_URL,
                                                   TFDS_PROBE_TIMEOUT_S):
     needs.append(f"its prepared files in {builder.data_dir} (set "
                  f"TFDS_DATA_DIR) or a connection to {TFDS_PROBE_URL} to "
