@@ -109,10 +109,16 @@ class KMeans(Method):
   trained params take at most ``2^bits`` values), or re-clusters a leaf that
   was never trained under the wrapper.
 
+  With ``pruned=True`` (after a pruning phase) the exact zeros are the
+  pruning mask: only the kept weights are clustered and trained, the zeros
+  stay zero, and the stored node is a ``cx.prune.MaskedArray`` over the
+  codebook, as in the paper (prune, then share the survivors).
+
   Attributes:
     bits: index bits (``2^bits`` clusters; Deep Compression: 8 conv, 5 FC).
     kmeans_init: k-means initialization (``"linear"``, the paper's best).
     iters: k-means iterations.
+    pruned: treat exact zeros as pruned (see above).
 
   References:
     Han, Mao, Dally, ICLR 2016. https://arxiv.org/abs/1510.00149
@@ -120,26 +126,56 @@ class KMeans(Method):
   bits: int = 5
   kmeans_init: str = "linear"
   iters: int = 30
+  pruned: bool = False
 
   def __post_init__(self):
     _check_bits("KMeans", self.bits, 1, 16)
 
   def wrap(self, inner, where):
     from compressax import optim as _optim  # local: optim imports methods' users
-    return _optim.weight_sharing(inner, bits=self.bits, kmeans_init=self.kmeans_init,
-                                 kmeans_iters=self.iters, where=where)
+    from compressax import _select
+    mask = None
+    if self.pruned:
+      def mask(params):
+        return jax.tree_util.tree_map(
+            lambda x, s: x if _select.is_skip(x) else (
+                np.asarray(x) != 0 if s else np.asarray(True)),
+            params, _select.select(params, where), is_leaf=_select.is_leaf)
+    return _optim.weight_sharing(inner, bits=self.bits,
+                                 kmeans_init=self.kmeans_init,
+                                 kmeans_iters=self.iters, where=where, mask=mask)
+
+  def _codebook(self, values, k):
+    uniq, codes = np.unique(values.reshape(-1), return_inverse=True)
+    if uniq.size > k:
+      return None
+    return _quantize.CodebookArray(
+        jnp.asarray(codes.reshape(values.shape).astype(codes_dtype(k))),
+        jnp.asarray(uniq), tuple(values.shape), np.dtype(values.dtype))
 
   def finalize(self, path, w, aux):
     _checks.check_finite(path, w)
     k = 1 << self.bits
     values = np.asarray(w)
-    uniq, codes = np.unique(values.reshape(-1), return_inverse=True)
-    if uniq.size <= k and _checks.is_concrete(w):
-      return _quantize.CodebookArray(
-          jnp.asarray(codes.reshape(values.shape).astype(
-              codes_dtype(k))),
-          jnp.asarray(uniq), tuple(values.shape), np.dtype(values.dtype))
-    return _quantize.weight_share(w, k, init=self.kmeans_init, iters=self.iters)
+    if self.pruned:
+      from compressax import prune as _prune
+      keep = values != 0
+      # Codes of pruned positions point at a kept value (never stored).
+      fill = values[keep][0] if keep.any() else values.dtype.type(0)
+      node = self._codebook(np.where(keep, values, fill), k)
+      if node is None:
+        node = _quantize.weight_share(jnp.asarray(values[keep]), k,
+                                      init=self.kmeans_init, iters=self.iters)
+        codes = np.zeros(values.shape, np.asarray(node.codes).dtype)
+        codes[keep] = np.asarray(node.codes).reshape(-1)
+        node = _quantize.CodebookArray(jnp.asarray(codes), node.centroids,
+                                       tuple(values.shape), np.dtype(values.dtype))
+      return _prune.MaskedArray(node, jnp.asarray(keep), tuple(values.shape),
+                                np.dtype(values.dtype))
+    node = self._codebook(values, k)
+    if node is None:  # never trained under the wrapper: cluster now
+      node = _quantize.weight_share(w, k, init=self.kmeans_init, iters=self.iters)
+    return node
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """DiffQ training: bit logits as params, a size penalty, their own Adam.
 
+Superseded by ``cx.methods.DiffQ`` in a ``cx.Plan`` (docs/design.md): the
+parameter maps below emit a ``DeprecationWarning`` and are removed in the
+next release.
+
 The trained tree is ``{"params": params, "bit_logits": logits}``. The loss
 sees the params with DiffQ's pseudo-quantization noise (``cx.diffq.noisy``)
 and adds ``penalty * cx.diffq.model_size`` (MB); ``optax.partition`` gives the
@@ -29,6 +33,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from compressax import _deprecation
 from compressax import diffq as _diffq
 from compressax import _select
 from compressax.optim import _base
@@ -36,6 +41,7 @@ from compressax.optim import _base
 __all__ = ["diffq_finalize", "diffq_init", "diffq_loss", "diffq_optimizer"]
 
 
+@_deprecation.deprecated("cx.optim.diffq_init", "cx.methods.DiffQ in a cx.Plan (Plan.init)")
 def diffq_init(params, *, group_size: int = 16, init_bits: float = 8.0,
                b_min: float = 2, b_max: float = 15, min_size: float = 0.01,
                where: _select.Where = None) -> dict:
@@ -52,6 +58,7 @@ def diffq_init(params, *, group_size: int = 16, init_bits: float = 8.0,
   return {"params": params, "bit_logits": logits}
 
 
+@_deprecation.deprecated("cx.optim.diffq_optimizer", "cx.methods.DiffQ in a cx.Plan (Plan.optimizer)")
 def diffq_optimizer(model_tx: optax.GradientTransformation, *,
                     logit_learning_rate: float = 1e-3
                     ) -> optax.GradientTransformation:
@@ -78,6 +85,7 @@ def diffq_optimizer(model_tx: optax.GradientTransformation, *,
                           "logits": optax.adam(logit_learning_rate)}, labels)
 
 
+@_deprecation.deprecated("cx.optim.diffq_loss", "cx.methods.DiffQ in a cx.Plan (Plan.loss)")
 def diffq_loss(task_loss: Callable[..., Any], *, penalty: float,
                group_size: int = 16, b_min: float = 2, b_max: float = 15,
                noise: str = "uniform") -> Callable[..., Any]:
@@ -108,6 +116,7 @@ def diffq_loss(task_loss: Callable[..., Any], *, penalty: float,
   return loss
 
 
+@_deprecation.deprecated("cx.optim.diffq_finalize", "cx.methods.DiffQ in a cx.Plan (Plan.finalize)")
 def diffq_finalize(train, *, group_size: int = 16, b_min: float = 2,
                    b_max: float = 15):
   """Quantize the trained params with their learned bits (``DiffQArray``)."""

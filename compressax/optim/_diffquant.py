@@ -1,5 +1,9 @@
 """Differentiable quantization: the quantization points are trained.
 
+Superseded by ``cx.methods.Points`` in a ``cx.Plan`` (docs/design.md): the
+parameter maps below emit a ``DeprecationWarning`` and are removed in the
+next release.
+
 Polino et al.'s second method. Each selected tensor has its own sorted
 points in the bucket-scaled ``[0, 1]`` domain; every weight takes its nearest
 point (``cx.quantize.nearest_point``), and the gradient of a point is the sum
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compressax import _deprecation
 from compressax import _checks
 from compressax import _rules
 from compressax import _select
@@ -52,6 +57,7 @@ def _count(n_points, keypath, leaf=None) -> int:
   return int(n) if isinstance(n, (int, np.integer)) else n
 
 
+@_deprecation.deprecated("cx.optim.init_points", "cx.methods.Points in a cx.Plan (Plan.init)")
 def init_points(params, n_points: Union[int, Mapping[str, int]], *,
                 method: str = "uniform", bucket_size: int | None = None,
                 where: _select.Where = None):
@@ -78,6 +84,7 @@ def init_points(params, n_points: Union[int, Mapping[str, int]], *,
       if s else None, params, sel)
 
 
+@_deprecation.deprecated("cx.optim.points_quantized", "cx.methods.Points in a cx.Plan (Plan.view)")
 def points_quantized(params, points, *, bucket_size: int | None = None,
                      straight_through: bool = False,
                      where: _select.Where = None):

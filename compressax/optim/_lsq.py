@@ -1,5 +1,9 @@
 """Learned step size quantization (LSQ): the step sizes are params.
 
+Superseded by ``cx.methods.LSQ`` in a ``cx.Plan`` (docs/design.md): the
+parameter maps below emit a ``DeprecationWarning`` and are removed in the
+next release.
+
 Keep a tree of step sizes next to the weights, quantize inside the loss with
 :func:`lsq_params`, and train both with any Optax optimizer. The step-size
 gradient carries the paper's scale ``1 / sqrt(N Q_P)`` (``cx.quantize.lsq``),
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import jax
 
+from compressax import _deprecation
 from compressax import _select
 from compressax import quantize as _quantize
 
 __all__ = ["lsq_init_steps", "lsq_params"]
 
 
+@_deprecation.deprecated("cx.optim.lsq_init_steps", "cx.methods.LSQ in a cx.Plan (Plan.init)")
 def lsq_init_steps(params, bits, *, signed: bool = True,
                    where: _select.Where = None):
   """Initial steps ``2 mean|w| / sqrt(Q_P)`` per selected leaf, ``None`` elsewhere.
@@ -49,6 +55,7 @@ def lsq_init_steps(params, bits, *, signed: bool = True,
       if s else None, params, sel)
 
 
+@_deprecation.deprecated("cx.optim.lsq_params", "cx.methods.LSQ in a cx.Plan (Plan.view)")
 def lsq_params(params, steps, bits, *, signed: bool = True,
                where: _select.Where = None):
   """The params fake-quantized with their learned steps (LSQ gradients).

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax import _node
 from compressax import _select
 from compressax import prune as _prune
@@ -59,7 +60,7 @@ def _all_kept(params, where, name="prune"):
   # A SKIP marker in the params (a Plan's side state) stays a marker, so the
   # mask tree keeps the params' structure for plain tree_maps.
   return jax.tree_util.tree_map(
-      lambda x, s: jnp.ones(jnp.shape(x), bool) if s else
+      lambda x, s: _sharding.like(jnp.ones(jnp.shape(x), bool), x) if s else
       (x if _select.is_skip(x) else jnp.ones((), bool)),
       params, sel, is_leaf=_select.is_leaf)
 
@@ -338,7 +339,8 @@ def prune_fixed(inner: optax.GradientTransformation, mask: Any
                          "cannot be pruned by this transform; give it a 0-d "
                          "True mask (build the mask with a `where` that "
                          "leaves it out) or materialize it first", TypeError)
-      return m
+      # In the leaf's sharding, like the masks prune_magnitude computes.
+      return _sharding.like(m, x) if m.shape == jnp.shape(x) else m
 
     return jax.tree_util.tree_map_with_path(one, params, mask,
                                             is_leaf=_select.is_leaf)

@@ -1,5 +1,9 @@
 """Quantization-aware training with full-precision shadow weights.
 
+Superseded by ``cx.methods.Uniform`` in a ``cx.Plan`` (docs/design.md): the
+parameter maps below emit a ``DeprecationWarning`` and are removed in the
+next release.
+
 The pattern of Polino et al.'s quantized distillation (and of plain QAT):
 
 1. The optimizer keeps the float32 *shadow* weights ``w`` as the params.
@@ -32,6 +36,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from compressax import _deprecation
 from compressax import _select
 from compressax import distill as _distill
 from compressax import quantize as _quantize
@@ -39,6 +44,7 @@ from compressax import quantize as _quantize
 __all__ = ["finalize", "quantized_distillation_loss", "quantized_params"]
 
 
+@_deprecation.deprecated("cx.optim.quantized_params", "cx.methods.Uniform in a cx.Plan (Plan.view)")
 def quantized_params(params, bits, *, bucket_size: int | None = None,
                      symmetric: bool = False, where: _select.Where = None):
   """The params as the forward pass sees them: fake-quantized, STE gradient.
@@ -64,6 +70,7 @@ def quantized_params(params, bits, *, bucket_size: int | None = None,
       params, where=where)
 
 
+@_deprecation.deprecated("cx.optim.finalize", "cx.methods.Uniform in a cx.Plan (Plan.finalize)")
 def finalize(params, bits: int, *, bucket_size: int | None = None,
              symmetric: bool = False, where: _select.Where = None):
   """Quantize the trained shadow weights into ``QuantizedArray`` nodes.
@@ -116,7 +123,7 @@ def quantized_distillation_loss(params, apply_fn: Callable[..., Any], inputs,
   References:
     Polino et al., ICLR 2018. https://arxiv.org/abs/1802.05668
   """
-  q = quantized_params(params, bits, bucket_size=bucket_size, where=where)
+  q = quantized_params.__wrapped__(params, bits, bucket_size=bucket_size, where=where)
   logits = apply_fn(q, inputs)
   per_example = _distill.polino_loss(logits, teacher_logits, labels,
                                      alpha=alpha, temperature=temperature)
