@@ -208,7 +208,7 @@ def test_gptq_node_materializes_bit_for_bit(group, act):
   h = cx.oneshot.hessian(x)
   cfg = _sweep.Config(block=32, group=group, bits=3, symmetric=False, nm=None,
                       unstructured=False, act_order=act)
-  res = _sweep.sweep(w, h, 0.01, jnp.zeros((1,), jnp.int32), cfg=cfg)
+  res = _sweep.sweep(w, h, jnp.zeros((1,), jnp.int32), cfg=cfg)
   node = cx.oneshot.gptq(w, h, bits=3, group_size=group, act_order=act,
                          block_size=32)
   np.testing.assert_array_equal(np.asarray(node.materialize()), np.asarray(res.q))

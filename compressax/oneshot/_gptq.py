@@ -43,7 +43,7 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
 
   Arithmetic is float32 (float64 for float64 kernels). ``w`` and ``h`` may be
   traced (the function jits); ``bits``, ``group_size``, ``act_order``,
-  ``symmetric`` and ``block_size`` are static; ``damp`` may be traced.
+  ``symmetric``, ``damp`` and ``block_size`` are static (Python values).
 
   Args:
     w: kernel ``(d_in, d_out)``.
@@ -53,7 +53,8 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
     act_order: process rows in descending ``diag H`` (the paper's
       "act-order" heuristic).
     symmetric: symmetric grid around an exact zero.
-    damp: relative dampening, ``>= 0`` (``0.01`` in the paper).
+    damp: relative dampening, a Python float ``>= 0`` (``0.01`` in the
+      paper).
     block_size: rows per lazy batch (memory traffic only, not the result,
       up to float rounding).
     path: the layer's path, for error messages.
@@ -67,7 +68,7 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
       group or block size, negative damp, NaN/Inf in ``w`` or ``h``
       (concrete values), or a Hessian that is not positive definite after
       dampening (concrete values), each naming ``path``.
-    TypeError: non-floating ``w``/``h`` or non-int ``bits``.
+    TypeError: non-floating ``w``/``h``, non-int ``bits`` or a traced ``damp``.
 
   Example:
     >>> node = cx.oneshot.gptq(w, cx.oneshot.hessian(x), bits=4, group_size=128)
@@ -83,12 +84,12 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
   group_size = _grid.check_positive(path, "group_size", group_size, optional=True)
   block_size = _grid.check_positive(path, "block_size", block_size)
   _sweep.check_hessian(path, h, w.shape[0])
-  _sweep.check_damp(path, damp)
+  damp = _sweep.check_damp(path, damp)
   cfg = _sweep.Config(
       block=_sweep.effective_block(block_size, group_size), group=group_size,
       bits=bits, symmetric=bool(symmetric), nm=None, unstructured=False,
-      act_order=bool(act_order))
-  res = _sweep.sweep(w, h, damp, jnp.zeros((1,), jnp.int32), cfg=cfg)
+      act_order=bool(act_order), damp=damp)
+  res = _sweep.sweep(w, h, jnp.zeros((1,), jnp.int32), cfg=cfg)
   _sweep.check_ok(path, res)
   return node_of(res, w, cfg)
 

@@ -71,7 +71,7 @@ def sparsegpt(w, h, *, sparsity=None, n_m: tuple[int, int] | None = None,
   The lazy block is rounded down to a multiple of ``m`` and ``group_size``.
 
   ``w``, ``h`` and ``sparsity`` may be traced; ``n_m``, ``bits``,
-  ``group_size`` and ``block_size`` are static.
+  ``group_size``, ``damp`` and ``block_size`` are static.
 
   Args:
     w: kernel ``(d_in, d_out)``.
@@ -80,7 +80,7 @@ def sparsegpt(w, h, *, sparsity=None, n_m: tuple[int, int] | None = None,
     n_m: ``(n, m)``: keep ``n`` of every ``m`` input rows (N:M).
     bits: with a Python int in ``[1, 16]``, also quantize the kept weights.
     group_size: grid group size for the joint mode.
-    damp: relative dampening, ``>= 0``.
+    damp: relative dampening, a Python float ``>= 0``.
     block_size: rows per lazy batch and per unstructured mask choice.
     path: the layer's path, for error messages.
 
@@ -114,18 +114,18 @@ def sparsegpt(w, h, *, sparsity=None, n_m: tuple[int, int] | None = None,
     _checks.fail(path, "group_size is for the joint mode: give `bits` too")
   block_size = _grid.check_positive(path, "block_size", block_size)
   _sweep.check_hessian(path, h, d_in)
-  _sweep.check_damp(path, damp)
+  damp = _sweep.check_damp(path, damp)
   block = _sweep.effective_block(block_size, group_size, nm and nm[1])
   cfg = _sweep.Config(block=block, group=group_size, bits=bits,
                       symmetric=False, nm=nm, unstructured=nm is None,
-                      act_order=False)
+                      act_order=False, damp=damp)
   if nm is None:
     rows = [min(block, d_in - i) for i in range(0, d_in, block)]
     counts = jnp.stack([jnp.asarray(pruned_count(r * d_out, sparsity), jnp.int32)
                         for r in rows])
   else:
     counts = jnp.zeros((1,), jnp.int32)
-  res = _sweep.sweep(w, h, damp, counts, cfg=cfg)
+  res = _sweep.sweep(w, h, counts, cfg=cfg)
   _sweep.check_ok(path, res)
   if bits is None:
     value = res.q.astype(w.dtype)

@@ -55,6 +55,9 @@ class Config(NamedTuple):
   nm: tuple | None            # (n kept, m) or None
   unstructured: bool          # prune `counts[b]` entries of block b
   act_order: bool
+  # Static: a traced damp would let XLA fold a constant one differently
+  # under an outer jit than in the eager call (1-ulp apart, not bit-identical).
+  damp: float = 0.01
 
 
 class Result(NamedTuple):
@@ -85,8 +88,13 @@ def check_hessian(path, h, d_in: int) -> None:
   _checks.check_finite(path, h)
 
 
-def check_damp(path, damp) -> None:
+def check_damp(path, damp) -> float:
+  if isinstance(damp, bool) or not (isinstance(damp, (int, float, np.number)) or (
+      _checks.is_concrete(damp) and np.ndim(damp) == 0 and hasattr(damp, "dtype"))):
+    _checks.fail(path, f"damp must be a concrete number (it is static), got "
+                       f"{type(damp).__name__}", TypeError)
   _checks.check_range(path, "damp", damp, 0.0, np.inf)
+  return float(damp)
 
 
 def check_ok(path, res: Result) -> None:
@@ -95,7 +103,7 @@ def check_ok(path, res: Result) -> None:
                        "Cholesky factor is not finite); raise `damp`")
 
 
-def _prepare(w, h, damp, cfg: Config):
+def _prepare(w, h, cfg: Config):
   """Dead inputs, act-order, damping, ``U = chol(H^-1)^T`` (upper)."""
   dt = _grid.compute_dtype(w.dtype)
   w = w.astype(dt)
@@ -112,7 +120,7 @@ def _prepare(w, h, damp, cfg: Config):
     h = h[perm][:, perm]
   else:
     perm = jnp.arange(d_in, dtype=jnp.int32)
-  damp = jnp.asarray(damp, dt) * jnp.mean(jnp.diagonal(h))
+  damp = cfg.damp * jnp.mean(jnp.diagonal(h))
   h = h + damp * jnp.eye(d_in, dtype=dt)
   low = jnp.linalg.cholesky(h)
   hinv = jax.scipy.linalg.cho_solve((low, True), jnp.eye(d_in, dtype=dt))
@@ -143,19 +151,18 @@ def _block_keep(score, k):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def sweep(w, h, damp, counts, *, cfg: Config) -> Result:
+def sweep(w, h, counts, *, cfg: Config) -> Result:
   """One GPTQ/SparseGPT sweep over the rows of ``w`` (see the module notes).
 
   Args:
     w: kernel ``(d_in, d_out)``.
     h: Hessian ``(d_in, d_in)``.
-    damp: relative dampening (``damp * mean(diag H)`` is added).
     counts: ``int32 (n_blocks,)``, entries to prune per block (unstructured).
     cfg: static settings.
   """
   d_in, d_out = w.shape
   w0 = w.astype(_grid.compute_dtype(w.dtype))
-  w, u, perm = _prepare(w, h, damp, cfg)
+  w, u, perm = _prepare(w, h, cfg)
   dt = w.dtype
   ok = jnp.all(jnp.isfinite(u))
   bsz = cfg.block
