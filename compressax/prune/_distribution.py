@@ -16,6 +16,7 @@ import numpy as np
 
 from compressax import _checks
 from compressax import _rules
+from compressax._select import is_skip
 from compressax._select import path_str
 from compressax.prune import _leaves
 from compressax.prune import _rank
@@ -27,7 +28,7 @@ __all__ = ["erk_sparsity", "layer_sparsities", "sparsity_from_patterns",
 def _tree(treedef, flags, values):
   it = iter(values)
   return jax.tree_util.tree_unflatten(
-      treedef, [next(it) if f else 0.0 for f in flags])
+      treedef, [next(it) if f else (f if is_skip(f) else 0.0) for f in flags])
 
 
 def uniform_sparsity(params, sparsity, *, where=None):

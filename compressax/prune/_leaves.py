@@ -16,6 +16,7 @@ from compressax import _checks
 from compressax import _rules
 from compressax._node import is_compressed
 from compressax._select import is_leaf
+from compressax._select import is_skip
 from compressax._select import path_str
 from compressax._select import select
 from compressax.prune import _rank
@@ -87,7 +88,13 @@ def _is_scalar(s) -> bool:
 
 
 def assemble(treedef, flags, masks) -> object:
-  """A mask tree: ``masks`` (in order) at selected leaves, 0-d True elsewhere."""
+  """A mask tree: ``masks`` (in order) at selected leaves, 0-d True elsewhere.
+
+  A ``cx.SKIP`` marker of the params (whose flag is the marker itself) stays a
+  marker, so the mask tree has the params' structure with or without
+  compressax's ``is_leaf``.
+  """
   it = iter(masks)
-  leaves = [next(it) if f else keep_all() for f in flags]
+  leaves = [next(it) if f else (f if is_skip(f) else keep_all())
+            for f in flags]
   return jax.tree_util.tree_unflatten(treedef, leaves)
