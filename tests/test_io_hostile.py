@@ -1,0 +1,343 @@
+"""Hostile files (issue 12 items 1-3): memory bombs, concurrent writers and
+forged metadata with recomputed checksums."""
+
+import copy
+import json
+import os
+import struct
+import threading
+import time
+import tracemalloc
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import compressax as cx
+from compressax import io
+from compressax.io import _format
+
+_HDR = struct.Struct("<8sHHQI")
+
+
+# --------------------------------------------------------------- forging kit
+
+def _split(data):
+  _, version, flags, mlen, _ = _HDR.unpack_from(data)
+  stored = data[_HDR.size:_HDR.size + mlen]
+  manifest = json.loads(zlib.decompress(stored) if flags & 1 else stored)
+  return version, manifest, data[_HDR.size + mlen:]
+
+
+def _recrc(rec, payloads, tpath=(), salt=""):
+  """Recomputes every payload CRC as an honest writer would have."""
+  t = rec.get("t") if isinstance(rec, dict) else None
+  if t == "dict":
+    for k, r in rec["items"]:
+      _recrc(r, payloads, tpath + (_format._key_part(k),), salt)
+  elif t in ("list", "tuple"):
+    for i, r in enumerate(rec["items"]):
+      _recrc(r, payloads, tpath + (f"{t[0]}:{i}",), salt)
+  elif t == "node":
+    salt = salt + json.dumps([rec["class"], rec["meta"]], sort_keys=True)
+    for k, r in rec["fields"]:
+      _recrc(r, payloads, tpath + ("n:" + k,), salt)
+  elif t == "array":
+    off, length = rec["p"][:2]
+    if isinstance(off, int) and isinstance(length, int) and off >= 0 and length >= 0:
+      rec["p"][2] = _format._crc(payloads[off:off + length],
+                                 _format._desc(tpath, salt, rec))
+
+
+def _build(tree, payloads=b"", version=_format.FORMAT_VERSION):
+  """A file with a valid header, manifest CRC and payload CRCs."""
+  manifest = {"format": "compressax", "version": version,
+              "payload_bytes": len(payloads), "tree": tree}
+  _recrc(tree, payloads)
+  mb = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+  return _HDR.pack(_format.MAGIC, version, 1, len(mb), zlib.crc32(mb)) + mb + payloads
+
+
+def _forge(data, edit):
+  """``data`` with its manifest edited and every checksum recomputed."""
+  version, manifest, payloads = _split(data)
+  edit(manifest["tree"])
+  return _build(manifest["tree"], payloads, version)
+
+
+def _peak(fn):
+  """``(result or exception, peak traced bytes)`` of ``fn()``."""
+  tracemalloc.start()
+  tracemalloc.reset_peak()
+  try:
+    out = fn()
+  except Exception as e:  # noqa: BLE001
+    out = e
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  return out, peak
+
+
+def _arr(shape, dtype, enc):
+  return {"t": "array", "shape": list(shape), "dtype": dtype, "enc": enc,
+          "p": [0, 0, 0]}
+
+
+# ------------------------------------------------------------ 1. memory bombs
+
+_MB = 1 << 20
+
+
+def test_constant_int64_bomb(tmp_path):
+  """190 bytes that declared a constant int64 array of 2^26 elements (1 GB)."""
+  data = _build(_arr([1 << 26], "int64",
+                     {"kind": "int", "min": 0, "bits": 0, "raw": 0,
+                      "count": 1 << 26}))
+  assert len(data) < 200
+  out, peak = _peak(lambda: _format.loads(data, "bomb.cx"))
+  assert isinstance(out, io.LimitExceededError), out
+  assert "<root>: an array of shape [67108864] needs 67,108,864 elements" in str(out)
+  assert "max_elements" in str(out)
+  assert peak < 4 * _MB, peak
+  # A caller who trusts the file can raise the limit.
+  small = _build(_arr([3 << 20], "int8", {"kind": "int", "min": 5, "bits": 0,
+                                          "raw": 0, "count": 3 << 20}))
+  with pytest.raises(io.LimitExceededError):
+    _format.loads(small, "ok.cx")
+  assert (_format.loads(small, "ok.cx", max_elements=3 << 20) == 5).all()
+
+
+def test_all_false_mask_bomb():
+  """208 bytes that declared an all-false mask of 2^29 elements (+512 MB)."""
+  enc = {"kind": "bool", "scheme": "relidx", "index_bits": 1, "raw": 0,
+         "coder": "raw", "bits": 1, "count": 0}
+  data = _build(_arr([1 << 29], "bool", enc))
+  assert len(data) < 220
+  out, peak = _peak(lambda: _format.loads(data, "mask.cx"))
+  assert isinstance(out, io.LimitExceededError), out
+  assert peak < 4 * _MB, peak
+
+
+def test_lowrank_materialization_bomb():
+  """Factors (8192, 0) @ (0, 8192) materialize a 256 MB matrix."""
+  empty = {"kind": "float", "raw": 0}
+  node = {"t": "node", "class": "compressax.LowRankArray", "version": 1,
+          "meta": {"shape": [8192, 8192], "dtype": {"dtype": "float32"},
+                   "rank": None},
+          "fields": [["u", _arr([8192, 0], "float32", empty)],
+                     ["v", _arr([0, 8192], "float32", empty)]]}
+  data = _build({"t": "dict", "items": [["w", node]]})
+  out, peak = _peak(lambda: _format.loads(data, "lr.cx"))
+  assert isinstance(out, io.LimitExceededError), out
+  assert "w: materializing the node needs 67,108,864 elements" in str(out)
+  assert peak < 4 * _MB, peak
+  # Kept compressed, nothing big is allocated: the factors are empty.
+  kept = _format.loads(data, "lr.cx", keep_compressed=True)["w"]
+  assert kept.u.shape == (8192, 0)
+
+
+def test_many_records_bomb():
+  """4 million ``none`` records in a ~100 KB manifest (+1.1 GB parsed)."""
+  tree = {"t": "list", "items": [{"t": "none"}] * 4_000_000}
+  data = _build(tree)
+  assert len(data) < 200_000
+  out, peak = _peak(lambda: _format.loads(data, "many.cx"))
+  assert isinstance(out, io.LimitExceededError), out
+  assert peak < 16 * _MB, peak
+  # With the inflation cap raised, the record count still stops it early.
+  out, peak = _peak(lambda: _format.loads(data, "many.cx",
+                                          max_manifest_bytes=1 << 27))
+  assert isinstance(out, io.LimitExceededError) and "records" in str(out), out
+  few = _build({"t": "list", "items": [{"t": "none"}] * 20_000})
+  with pytest.raises(io.LimitExceededError, match="more than 16,384 records"):
+    _format.loads(few, "few.cx")
+  # Records are JSON objects: the 20,000 items, the list and the manifest.
+  assert len(_format.loads(few, "few.cx", max_records=20_002)) == 20_000
+
+
+def test_dev_zero_fails_fast():
+  t0 = time.perf_counter()
+  with pytest.raises(io.CorruptFileError, match="bad magic"):
+    io.load("/dev/zero")
+  assert time.perf_counter() - t0 < 1.0
+
+
+def test_declared_lengths_are_checked_before_reading(tmp_path):
+  """A header claiming a 2^60-byte manifest is refused without reading it."""
+  path = tmp_path / "h.cx"
+  path.write_bytes(_HDR.pack(_format.MAGIC, 3, 1, 1 << 60, 0) + b"x" * 10)
+  out, peak = _peak(lambda: io.load(path))
+  assert isinstance(out, io.CorruptFileError) and "truncated" in str(out)
+  assert peak < _MB
+
+
+def _fuzz_base():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 5)).astype(np.float32)
+  keep = rng.random((6, 5)) < 0.4
+  return {
+      "q": cx.quantize.quantize(jnp.asarray(w), 3, bucket_size=8),
+      "m": cx.prune.MaskedArray(value=np.where(keep, w, 0), mask=keep,
+                                shape=(6, 5), dtype=np.dtype(np.float32)),
+      "z": np.where(rng.random(64) < 0.9, 0, rng.normal(size=64)).astype(np.float32),
+      "i": rng.integers(0, 5, 40).astype(np.int32),
+      "lr": cx.lowrank.factorize(jnp.asarray(w), 2),
+      "c": np.full(50, 3, np.int64),    # constant: no payload at all
+      "f": np.zeros((4, 4), bool),      # all false: no index codes
+  }
+
+
+_NASTY = [0, 1, -1, 7, 255, 1 << 20, 1 << 26, 1 << 31, 1 << 40, 1 << 62, 2 ** 70,
+          [], [1 << 26], [1 << 29], [8192, 8192], [1 << 16, 1 << 16], [0, 1 << 40],
+          None, "x", 2.5, True, {}, [[]]]
+# Where sizes are declared: the mutator aims there half the time.
+_SIZES = {"shape", "count", "bits", "nnz", "mask_bytes", "index_bits", "p",
+          "group_size", "bucket_size", "rank", "alphabet", "raw"}
+
+
+def _slots(obj, path=()):
+  """Every (container, key) in a JSON tree, for the mutator."""
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield obj, k
+      yield from _slots(v, path + (k,))
+  elif isinstance(obj, list):
+    for i, v in enumerate(obj):
+      yield obj, i
+      yield from _slots(v, path + (i,))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_mutated_manifests_never_allocate_much(tmp_path, keep):
+  """No forged manifest (checksums recomputed) makes a load allocate more
+  than a fixed multiple of the file's size, beyond the documented floor."""
+  io.save(tmp_path / "f.cx", _fuzz_base())
+  data = (tmp_path / "f.cx").read_bytes()
+  _, manifest, payloads = _split(data)
+  budget = max(_format.MIN_ELEMENTS, _format.ELEMENTS_PER_BYTE * len(data))
+  bound = 48 * budget + 8 * _MB  # bytes per element at the peak, plus slack
+  rng = np.random.default_rng(1 + keep)
+  worst = 0
+  for _ in range(400):
+    tree = copy.deepcopy(manifest["tree"])
+    for _ in range(rng.integers(1, 4)):
+      slots = list(_slots(tree))
+      sized = [(o, k) for o, k in slots if k in _SIZES]
+      pool = sized if sized and rng.random() < 0.5 else slots
+      obj, k = pool[rng.integers(len(pool))]
+      obj[k] = copy.deepcopy(_NASTY[rng.integers(len(_NASTY))])
+    try:
+      bad = _build(tree, payloads)
+    except Exception:  # noqa: BLE001  the mutation broke the forger itself
+      continue
+    out, peak = _peak(lambda: _format.loads(bad, "fuzz.cx", keep_compressed=keep))
+    assert out is not None
+    if isinstance(out, Exception):
+      assert isinstance(out, io.CorruptFileError), repr(out)
+    worst = max(worst, peak)
+    assert peak <= bound, (peak, bound)
+  assert worst < bound
+
+
+# ------------------------------------------------------- 2. concurrent saves
+
+def test_concurrent_writers_leave_one_whole_tree(tmp_path):
+  """Two threads on one path corrupted it in 4 of 10 trials (fixed .tmp name)."""
+  path = tmp_path / "c.cx"
+  trees = [{"w": np.full((300 + 97 * i, 64), i, np.float32) + np.arange(64, dtype=np.float32),
+            "i": np.arange(i + 1)} for i in range(6)]
+  for trial in range(6):
+    errors = []
+
+    def work(t):
+      try:
+        for _ in range(3):
+          io.save(path, t)
+      except Exception as e:  # noqa: BLE001
+        errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in trees]
+    for th in threads:
+      th.start()
+    for th in threads:
+      th.join()
+    assert not errors, errors
+    back = io.load(path)
+    assert any(back["i"].shape == t["i"].shape and
+               back["w"].tobytes() == t["w"].tobytes() for t in trees), trial
+    assert os.listdir(tmp_path) == ["c.cx"], os.listdir(tmp_path)
+
+
+def test_failed_write_leaves_no_temp_and_the_old_file(tmp_path, monkeypatch):
+  path = tmp_path / "f.cx"
+  io.save(path, {"a": np.arange(4.0)})
+  os.chmod(path, 0o640)
+
+  def boom(fd):
+    raise OSError("disk full")
+  monkeypatch.setattr(os, "fsync", boom)
+  with pytest.raises(OSError, match="disk full"):
+    io.save(path, {"b": np.arange(1000.0)})
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["f.cx"]
+  assert list(io.load(path)) == ["a"]
+  io.save(path, {"c": np.arange(3.0)})  # an existing file keeps its mode
+  assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+# -------------------------------------------------------- 3. forged metadata
+
+def _node_tree():
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(12, 10)).astype(np.float32)
+  keep = rng.random((12, 10)) < 0.5
+  dq = cx.diffq.quantize({"k": jnp.asarray(w)}, {"k": jnp.zeros(8)},
+                         group_size=16)["k"]
+  return {"q": cx.quantize.quantize(jnp.asarray(w), 4, bucket_size=16),
+          "m": cx.prune.MaskedArray(value=np.where(keep, w, 0), mask=keep,
+                                    shape=(12, 10), dtype=np.dtype(np.float32)),
+          "lr": cx.lowrank.factorize(jnp.asarray(w), 3),
+          "cb": cx.quantize.weight_share(jnp.asarray(w), 4),
+          "pt": cx.quantize.quantize_points(
+              jnp.asarray(w), jnp.linspace(0.0, 1.0, 4, dtype=jnp.float32)),
+          "dq": dq}
+
+
+def _meta(key, **kw):
+  def edit(tree):
+    dict(tree["items"])[key]["meta"].update(kw)
+  return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_meta("q", shape=[10, 12]), r"q: ValueError: codes must be unsigned ints of shape \(10, 12\)"),
+    (_meta("q", bits=99), r"q: ValueError: bits must be an int in \[1, 16\], got 99"),
+    (_meta("q", bits=0), r"q: ValueError: bits must be an int in \[1, 16\], got 0"),
+    (_meta("q", bits=2), r"q: ValueError: a code does not fit in 2 bits"),
+    (_meta("q", bucket_size=7), r"q: ValueError: scale must be floats of shape"),
+    (_meta("m", shape=[10, 12]), r"m: ValueError: mask must be bool of shape \(10, 12\)"),
+    (_meta("lr", shape=[10, 12]), r"lr: ValueError: factors \(12, 3\) @ \(3, 10\) do not"),
+    (_meta("lr", rank=9), r"lr: ValueError: rank must be None or an int in \[0, 3\]"),
+    (_meta("cb", shape=[120]), r"cb: ValueError: codes must be ints of shape \(120,\)"),
+    (_meta("pt", bucket_size=16), r"pt: ValueError: alpha must be floats of shape \(8,\)"),
+    (_meta("dq", group_size=8), r"dq: ValueError: bits must be ints of shape \(15,\)"),
+    (_meta("dq", shape=[120]), r"dq: ValueError: codes must be unsigned ints of shape"),
+])
+@pytest.mark.parametrize("keep", [True, False])
+def test_forged_metadata_is_refused(tmp_path, edit, match, keep):
+  io.save(tmp_path / "n.cx", _node_tree())
+  bad = _forge((tmp_path / "n.cx").read_bytes(), edit)
+  with pytest.raises(io.CorruptFileError, match="n.cx: " + match):
+    _format.loads(bad, str(tmp_path / "n.cx"), keep_compressed=keep)
+
+
+def test_honest_files_pass_validation(tmp_path):
+  tree = _node_tree()
+  io.save(tmp_path / "n.cx", tree)
+  back = io.load(tmp_path / "n.cx", keep_compressed=True)
+  for k, node in tree.items():
+    np.testing.assert_array_equal(back[k].materialize(), node.materialize())
+  # The forger itself is faithful: an unedited round trip still loads.
+  again = _forge((tmp_path / "n.cx").read_bytes(), lambda t: None)
+  _format.loads(again, "again.cx")
