@@ -32,6 +32,8 @@ def _same(got, want, where):
 @pytest.mark.parametrize("name", _NAMES)
 def test_fixture_loads_exactly(name):
   path = os.path.join(_HERE, name + ".cx")
+  with open(path, "rb") as f:  # io_v<N>: written as format version N
+    assert int.from_bytes(f.read(10)[8:10], "little") == int(name.split("_v")[1])
   with np.load(os.path.join(_HERE, name + ".npz")) as f:
     want = dict(f)
   with open(os.path.join(_HERE, name + ".json")) as f:
