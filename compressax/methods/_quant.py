@@ -186,7 +186,18 @@ class Points(Method):
   domain); view: ``cx.quantize.nearest_point`` (the gradient flows to the
   points, and with ``straight_through`` to the weights too); finalize:
   ``cx.quantize.quantize_points``. The points get their own optimizer when
-  ``learning_rate`` is set (the paper: SGD, Nesterov 0.9, about 1e-5).
+  ``learning_rate`` is set, as in the paper: SGD with Nesterov momentum 0.9
+  (lr about 1e-5), the points re-sorted and clipped to ``[0, 1]`` after
+  every step (``cx.optim.diff_quant_points``).
+
+  Attributes:
+    n_points: points per tensor (``2 ** bits``; per-tensor counts, e.g. from
+      ``cx.quantize.allocate_points``, are one rule per path).
+    bucket_size: as in ``cx.quantize.nearest_point``.
+    init_method: ``"uniform"`` or ``"quantiles"`` (``cx.quantize.points_init``).
+    straight_through: pass the gradient to the weights too.
+    learning_rate: the points' own SGD rate, a float or an Optax schedule;
+      ``None``: the points train with the plan's inner optimizer.
 
   References:
     Polino, Pascanu, Alistarh, ICLR 2018. https://arxiv.org/abs/1802.05668
@@ -195,25 +206,33 @@ class Points(Method):
   bucket_size: int | None = 256
   init_method: str = "uniform"
   straight_through: bool = True
-  learning_rate: float | None = None
+  learning_rate: float | optax.Schedule | None = None
 
   def init(self, path, w, key):
     return {"points": _quantize.points_init(
         w, self.n_points, method=self.init_method,
         bucket_size=self.bucket_size)}
 
+  @staticmethod
+  def _points(aux):
+    # Trained points may leave [0, 1] or cross: the view and the stored node
+    # use them clipped to the scaled domain (and sorted, as nearest_point does).
+    return jnp.clip(aux["points"], 0.0, 1.0)
+
   def view(self, w, aux, key):
-    return _quantize.nearest_point(w, aux["points"],
+    return _quantize.nearest_point(w, self._points(aux),
                                    bucket_size=self.bucket_size,
                                    straight_through=self.straight_through)
 
   def aux_optimizer(self):
     if self.learning_rate is None:
       return None
-    return optax.sgd(self.learning_rate, momentum=0.9, nesterov=True)
+    from compressax import optim as _optim  # local: optim imports methods' users
+    return _optim.diff_quant_points(
+        optax.sgd(self.learning_rate, momentum=0.9, nesterov=True))
 
   def finalize(self, path, w, aux):
-    return _quantize.quantize_points(w, aux["points"],
+    return _quantize.quantize_points(w, self._points(aux),
                                      bucket_size=self.bucket_size, path=path)
 
 

@@ -11,7 +11,9 @@ import numpy as np
 from jax import lax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax._select import is_leaf
+from compressax._select import is_skip
 from compressax._select import path_str
 from compressax.prune import _leaves
 from compressax.prune import _rank
@@ -23,8 +25,11 @@ __all__ = ["channel_mask", "shrink"]
 def _channel_keep(path, x, sparsity, norm: str, axis: int):
   x = _leaves.dense_value(path, x)
   ax = _checks.check_axis(path, axis, x.ndim)
-  return _channel_core(x, jnp.asarray(_rank.kept_count(x.shape[ax], sparsity),
-                                      jnp.int32), norm, ax)
+  # The norms are float sums: on a gathered copy they add in the unsharded
+  # order, so the mask is the same on every mesh.
+  keep, full = _channel_core(_sharding.replicated(x), jnp.asarray(
+      _rank.kept_count(x.shape[ax], sparsity), jnp.int32), norm, ax)
+  return keep, _sharding.like(full, x)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -85,7 +90,7 @@ def channel_mask(params, sparsity, *, norm: str = "l1", axis: int = -1,
   treedef, pairs, flags = _leaves.flat_selection(params, where)
   sps = _leaves.per_leaf_sparsity(params, sparsity, pairs, flags)
   index = {path_str(p): i for i, (p, _) in enumerate(pairs)}
-  leaves = [_leaves.keep_all() for _ in pairs]
+  leaves = [x if is_skip(x) else _leaves.keep_all() for _, x in pairs]
   j = 0
   for i, ((p, x), f) in enumerate(zip(pairs, flags)):
     if not f:
@@ -96,7 +101,7 @@ def channel_mask(params, sparsity, *, norm: str = "l1", axis: int = -1,
     if include_bias and axis in (-1, np.ndim(x) - 1) and path.endswith("kernel"):
       b = index.get(path[:-len("kernel")] + "bias")
       if b is not None and not flags[b] and np.shape(pairs[b][1]) == keep.shape:
-        leaves[b] = keep
+        leaves[b] = _sharding.like(keep, pairs[b][1])
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
