@@ -349,6 +349,49 @@ def test_wanda_ties_keep_the_earlier_row():
   np.testing.assert_array_equal(keep, [[1, 1], [1, 1], [0, 0], [0, 0]])
 
 
+# ---------------------------------------------------------------- HQQ
+
+def ref_hqq(w, bits, gs, iters=20, p=0.7, beta=10.0, kappa=1.01):
+  """HQQ's proximal zero-point loop (Badri & Shaji 2023), keeping the best."""
+  d_in, d_out = w.shape
+  x = w.reshape(d_in // gs, gs, d_out)
+  maxq = 2 ** bits - 1
+  lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
+  s = np.maximum((hi - lo) / maxq, 1 / 2e4)
+  z = -lo / s
+  best, best_z = np.inf, z
+  for _ in range(iters):
+    q = np.clip(np.round(x / s + z), 0, maxq)
+    wr = s * (q - z)
+    err = np.mean(np.abs(x - wr))
+    if not err < best:
+      break
+    best, best_z = err, z
+    e = x - wr
+    we = np.sign(e) * np.maximum(np.abs(e) - np.power(np.abs(e) + 1e-8, p - 1) / beta, 0)
+    z = np.mean(q - (x - we) / s, axis=1, keepdims=True)
+    beta *= kappa
+  q = np.clip(np.round(x / s + best_z), 0, maxq)
+  return (s * (q - best_z)).reshape(d_in, d_out), best, np.mean(
+      np.abs(x - s * (np.clip(np.round(x / s - lo / s), 0, maxq) + lo / s)))
+
+
+def test_hqq_equals_reference_and_improves_the_grid():
+  with jax.enable_x64(True):
+    _, w = problem(seed=71, dtype=np.float64)
+    node = cx.oneshot.hqq(jnp.asarray(w), bits=3, group_size=16)
+    ref, best, initial = ref_hqq(w, 3, 16)
+    np.testing.assert_allclose(node.materialize(), ref, rtol=0, atol=1e-12)
+    assert best < initial
+  _, w = problem(seed=71)
+  node = cx.oneshot.hqq(w, bits=3, group_size=16)
+  assert node.zero.dtype == jnp.float32 and node.scale.shape == (5, 24)
+  assert node.storage_bits() == 80 * 24 * 3 + 2 * 5 * 24 * 32
+  _bad(lambda: cx.oneshot.hqq(w, bits=3, group_size=24, path=PATH), "divide")
+  _bad(lambda: cx.oneshot.hqq(w, bits=3, group_size=16, lp_norm=1.5, path=PATH),
+       "lp_norm")
+
+
 # ---------------------------------------------------------------- edge cases
 
 def test_dead_inputs():
@@ -450,7 +493,8 @@ def test_save_load_and_file_size(tmp_path):
   tree = {"gptq": cx.oneshot.gptq(w, h, bits=3, group_size=16, act_order=True,
                                   block_size=32),
           "sparse": cx.oneshot.sparsegpt(w, h, sparsity=0.5, block_size=32),
-          "joint": cx.oneshot.sparsegpt(w, h, n_m=(2, 4), bits=4, block_size=32)}
+          "joint": cx.oneshot.sparsegpt(w, h, n_m=(2, 4), bits=4, block_size=32),
+          "hqq": cx.oneshot.hqq(w, bits=3, group_size=16)}
   for name, leaf in tree.items():
     path = os.fspath(tmp_path / f"{name}.cx")
     cx.save(path, {"w": leaf})

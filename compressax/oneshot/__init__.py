@@ -12,6 +12,8 @@ inputs. Flax layout throughout: a kernel ``w`` of shape ``(d_in, d_out)``,
 * :func:`sparsegpt`: pruning (unstructured or N:M), optionally joint with
   quantization (Frantar & Alistarh 2023); gives a ``cx.prune.MaskedArray``.
 * :func:`wanda_mask`: the Wanda mask ``|w| * ||x||`` (Sun et al. 2024).
+* :func:`hqq`: calibration-free half-quadratic quantization (Badri & Shaji
+  2023), on a float-zero grid.
 
 The magnitude baseline is ``cx.prune.magnitude_mask`` / ``cx.prune.nm_mask``.
 """
@@ -21,6 +23,7 @@ from compressax.oneshot._grid import GroupQuantizedArray
 from compressax.oneshot._grid import rtn
 from compressax.oneshot._hessian import hessian
 from compressax.oneshot._hessian import hessian_update
+from compressax.oneshot._hqq import hqq
 from compressax.oneshot._sparsegpt import sparsegpt
 from compressax.oneshot._wanda import wanda_mask
 
@@ -29,6 +32,7 @@ __all__ = [
     "gptq",
     "hessian",
     "hessian_update",
+    "hqq",
     "rtn",
     "sparsegpt",
     "wanda_mask",

@@ -97,7 +97,7 @@ def dequantize(codes, scale, zero, bits: int, symmetric: bool, group_size,
 _dequantize_jit = jax.jit(dequantize, static_argnums=(3, 4, 5, 7))
 
 
-@_node.compressed_leaf
+@_node.compressed_leaf(name="compressax.GroupQuantizedArray", pointwise=("codes",))
 @dataclasses.dataclass(frozen=True)
 class GroupQuantizedArray(_node.CompressedLeaf):
   """A kernel on GPTQ's zero-point grid: integer codes, per-group scale and zero.
@@ -110,8 +110,9 @@ class GroupQuantizedArray(_node.CompressedLeaf):
     codes: ``uint8`` (``uint16`` above 8 bits), the kernel's shape, in its
       row order.
     scale: float32 (float64 for float64 kernels), ``(n_groups, d_out)``.
-    zero: integer zero points, ``codes.dtype``, ``(n_groups, d_out)``; empty
-      ``(0,)`` for a symmetric grid (the zero point is ``2^(bits-1)``).
+    zero: integer zero points, ``codes.dtype``, ``(n_groups, d_out)``, or
+      float zero points of ``scale``'s dtype (HQQ); empty ``(0,)`` for a
+      symmetric grid (the zero point is ``2^(bits-1)``).
     group_index: ``int32 (d_in,)``, the group of each input row, when the
       groups are not consecutive rows (GPTQ with act-order and groups, where
       groups follow the processing order); empty ``(0,)`` otherwise.
@@ -137,13 +138,49 @@ class GroupQuantizedArray(_node.CompressedLeaf):
                            bool(self.symmetric), self.group_size,
                            self.group_index, np.dtype(self.dtype))
 
+  def validate(self) -> None:
+    """Codes of the kernel's shape within ``bits``; groups that fit the rows."""
+    super().validate()
+    bits, gs = self.bits, self.group_size
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) \
+        or not 1 <= bits <= 16:
+      raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+      raise ValueError(f"group_size must be None or an int >= 1, got {gs!r}")
+    shape = tuple(self.shape)
+    if len(shape) != 2:
+      raise ValueError(f"a kernel (d_in, d_out) is 2-D, got shape {shape}")
+    d_in, d_out = shape
+    codes = np.asarray(self.codes)
+    if codes.shape != shape or not np.issubdtype(codes.dtype, np.unsignedinteger):
+      raise ValueError(f"codes must be unsigned ints of shape {shape}, got "
+                       f"{codes.dtype}{list(codes.shape)}")
+    if codes.size and int(codes.max()) >> int(bits):
+      raise ValueError(f"a code does not fit in {bits} bits")
+    index = np.asarray(self.group_index)
+    n_groups = 1 if gs is None else -(-d_in // gs)
+    if index.size:
+      n_groups = int(index.max()) + 1 if index.shape == (d_in,) else -1
+      if n_groups < 1 or int(index.min()) < 0:
+        raise ValueError(f"group_index must hold a group >= 0 per input row "
+                         f"({d_in}), got shape {index.shape}")
+    if tuple(np.shape(self.scale)) != (n_groups, d_out):
+      raise ValueError(f"scale must have shape {(n_groups, d_out)}, got "
+                       f"{tuple(np.shape(self.scale))}")
+    zshape = (0,) if self.symmetric else (n_groups, d_out)
+    if tuple(np.shape(self.zero)) != zshape:
+      raise ValueError(f"zero must have shape {zshape}, got "
+                       f"{tuple(np.shape(self.zero))}")
+
   def storage_bits(self) -> int:
-    """``bits`` per code and per zero point, 32 (or 64) per scale, and
-    ``ceil(log2 n_groups)`` per entry of ``group_index``."""
+    """``bits`` per code and per integer zero point, 32 (or 64) per scale
+    and float zero point, ``ceil(log2 n_groups)`` per ``group_index`` entry."""
     n_groups = int(np.shape(self.scale)[0])
     index_bits = max(1, (n_groups - 1).bit_length())
+    zdt = np.dtype(self.zero.dtype)
+    zero_bits = int(self.bits) if np.issubdtype(zdt, np.integer) else 8 * zdt.itemsize
     return (int(np.size(self.codes)) * int(self.bits)
-            + int(np.size(self.zero)) * int(self.bits)
+            + int(np.size(self.zero)) * zero_bits
             + int(np.size(self.scale)) * 8 * np.dtype(self.scale.dtype).itemsize
             + int(np.size(self.group_index)) * index_bits)
 
