@@ -119,6 +119,19 @@ def test_a_compressed_node_passes_through_the_inner_optimizer(name, jit):
     assert len(np.unique(b)) <= 4          # ... or shared
 
 
+def test_helpers_read_state_built_on_a_tree_with_a_node():
+  params = _node_tree()
+  tx = cx.optim.weight_sharing(0.1, n_clusters=4)
+  state = tx.init(params)
+  shared = cx.optim.shared_params(params, state)
+  assert shared["a"]["kernel"] is params["a"]["kernel"]
+  assert len(np.unique(shared["b"]["kernel"])) <= 4
+  tx = cx.optim.adacomp(bin_size_fc=16)
+  state = tx.init(params)
+  res = cx.optim.adacomp_residual(state, params)
+  assert res["b"]["kernel"].shape == (16, 8)
+
+
 @pytest.mark.parametrize("name, make", [
     ("prune_magnitude", lambda: cx.optim.prune_magnitude(
         optax.sgd(0.1), final_sparsity=0.5, begin_step=0, end_step=0,
@@ -232,7 +245,7 @@ def test_a_traced_shape_setting_names_the_static_args():
   for tx, args in [
       (optax.inject_hyperparams(cx.optim.adacomp)(bin_size_fc=16),
        "'bin_size_conv', 'bin_size_fc'"),
-      (optax.inject_hyperparams(cx.optim.prune_nm)(_sgd(), 2, 4),
+      (optax.inject_hyperparams(cx.optim.prune_nm)(_sgd(), 2, 4, axis=0),
        "'n', 'm', 'axis'")]:
     state = tx.init(params)
     with pytest.raises(TypeError, match=r"sets array shapes.*static_args=\("

@@ -181,7 +181,8 @@ def adacomp_residual(state: "AdaCompState", params) -> Any:
                        f"cannot hold a leaf of shape {np.shape(x)} (a state "
                        f"stacked over devices? pass one learner's state)")
     return _unbinned(r, np.shape(x))
-  return jax.tree_util.tree_map_with_path(one, params, state.residual)
+  return jax.tree_util.tree_map_with_path(one, params, state.residual,
+                                          is_leaf=_select.is_leaf)
 
 
 def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,

@@ -335,6 +335,8 @@ def shared_params(params, state: WeightSharingState, where: _select.Where = None
     A params tree whose shared leaves equal the codebook exactly (and zero
     at pruned positions when the state has a mask).
   """
+  # A compressed node was not shared (weight_sharing leaves it out).
+  where = _base.selection(params, where, "shared_params", "shared")
   if state.mask is None:
     return _select.map_selected(
         lambda kp, p, codes, c: c[codes].astype(p.dtype), params, state.codes,
