@@ -183,7 +183,7 @@ def test_sparse_nodes_store_kept_positions_only(tmp_path):
   io.save(tmp_path / "s.cx", masked)
   io.save(tmp_path / "d.cx", dense)
   # Sparse codes cost ~15% of the dense codes (plus the mask).
-  manifest, _ = io._format.parse(open(tmp_path / "s.cx", "rb").read(), "s")
+  manifest, _ = io._load.parse(open(tmp_path / "s.cx", "rb").read(), "s")
   codes_rec = manifest["tree"]["items"][0][1]["fields"][1][1]["fields"][0][1]
   assert codes_rec["sparse"] and codes_rec["enc"]["count"] == tree["m"].mask.sum()
   back = io.load(tmp_path / "s.cx", keep_compressed=True)["m"]
@@ -236,7 +236,7 @@ def small_file(tmp_path_factory):
 
 
 def _load_bytes(path, data):
-  return io._format.loads(data, path)
+  return io._load.loads(data, path)
 
 
 def test_every_byte_flip_is_detected_or_harmless(small_file, tmp_path):
@@ -365,9 +365,9 @@ def test_decompression_bomb_is_refused(small_file, tmp_path, monkeypatch):
   with pytest.raises(io.LimitExceededError, match="more than 1,048,576 bytes"):
     _load_bytes(str(tmp_path / "b.cx"), bombed)
   with pytest.raises(io.CorruptFileError, match="more than 100,000"):
-    io._format.loads(bombed, "b.cx", max_manifest_bytes=100_000)
+    io._load.loads(bombed, "b.cx", max_manifest_bytes=100_000)
   # Under a raised cap it loads (the whitespace is valid JSON).
-  io._format.loads(bombed, "b.cx", max_manifest_bytes=1 << 22)
+  io._load.loads(bombed, "b.cx", max_manifest_bytes=1 << 22)
 
 
 def test_header_errors(small_file, tmp_path):
@@ -430,7 +430,7 @@ def test_transposed_scan_order_is_picked_and_round_trips(tmp_path):
                              mask.T.copy(), shape[::-1], np.dtype(np.float32))}
   path = tmp_path / "t.cx"
   io.save(path, tree)
-  manifest = io._format.parse(path.read_bytes(), "t")[0]
+  manifest = io._load.parse(path.read_bytes(), "t")[0]
   assert _leaf(manifest, "col", "mask")["perm"] == [1, 0]
   codes_rec = _leaf(manifest, "col", "value", "codes")
   assert codes_rec["sparse"] and codes_rec["perm"] == [1, 0]
@@ -446,7 +446,7 @@ def test_transposed_scan_order_is_picked_and_round_trips(tmp_path):
     assert not back[k].value.codes[~m].any()
   # A manifest that swaps the order back is caught by the payload checksums.
   with pytest.raises(io.CorruptFileError, match="col/mask"):
-    io._format.loads(_rewrite(path.read_bytes(),
+    io._load.loads(_rewrite(path.read_bytes(),
                               lambda m: _leaf(m, "col", "mask").pop("perm")), "t")
 
 
@@ -461,7 +461,7 @@ def test_nested_masks_follow_the_outer_scan_order(tmp_path):
                                  inner_mask, shape, np.dtype(np.float16)),
                      outer, shape, np.dtype(np.float16))
   io.save(tmp_path / "n.cx", [node])
-  manifest = io._format.parse((tmp_path / "n.cx").read_bytes(), "n")[0]
+  manifest = io._load.parse((tmp_path / "n.cx").read_bytes(), "n")[0]
   perm = _leaf(manifest, 0, "mask").get("perm")
   inner_rec = _leaf(manifest, 0, "value", "mask")
   assert inner_rec["sparse"] and inner_rec.get("perm") == perm
@@ -479,7 +479,7 @@ def test_3d_mask_scans_its_regular_axis_fastest(tmp_path):
   off = rng.integers(0, 6, (shape[0], 1, shape[2]))
   mask = (np.arange(shape[1])[None, :, None] + off) % 6 < 2  # runs along axis 1
   io.save(tmp_path / "c.cx", {"m": mask})
-  manifest = io._format.parse((tmp_path / "c.cx").read_bytes(), "c")[0]
+  manifest = io._load.parse((tmp_path / "c.cx").read_bytes(), "c")[0]
   assert _leaf(manifest, "m")["perm"] == [0, 2, 1]
   _assert_identical({"m": mask}, io.load(tmp_path / "c.cx"))
 

@@ -177,7 +177,7 @@ def test_mixed_widths_round_trip_within_the_bounds(tmp_path_factory, layout):
   shape, group_size, widths, seed, full = layout
   node = _diffq_node(shape, group_size, widths, seed, full_range=full)
   _, data = _save(tmp_path_factory.mktemp("h"), {"dq": node})
-  back = io._format.loads(data, keep_compressed=True)["dq"]
+  back = io._load.loads(data, keep_compressed=True)["dq"]
   _assert_node_equal(node, back)
   _check_bounds(node, data)
 
@@ -190,10 +190,10 @@ def test_quantize_output_round_trips_and_beats_the_widest_width(tmp_path, shape,
   widths = np.arange(n) % 15 + 1 if n > 1 else np.array([7])
   node = _quantized(shape, group_size, widths.astype(np.uint8))
   _, data = _save(tmp_path, {"dq": node})
-  back = io._format.loads(data, keep_compressed=True)["dq"]
+  back = io._load.loads(data, keep_compressed=True)["dq"]
   _assert_node_equal(node, back)
   fields = _check_bounds(node, data)
-  np.testing.assert_array_equal(io._format.loads(data)["dq"],
+  np.testing.assert_array_equal(io._load.loads(data)["dq"],
                                 np.asarray(node.materialize()))
   if n >= 8:  # many mixed widths: per-class packing wins over one width for all
     assert fields["codes"]["enc"].get("scheme") == "grouped"
@@ -218,7 +218,7 @@ def test_hook_announces_other_field_names(tmp_path):
   node = IoGrpHooked(q=q.reshape(5, 27), w=w, shape=(5, 27),
                      dtype=np.dtype(np.float32), gs=16)
   _, data = _save(tmp_path, {"dq": node})
-  _assert_node_equal(node, io._format.loads(data, keep_compressed=True)["dq"])
+  _assert_node_equal(node, io._load.loads(data, keep_compressed=True)["dq"])
   enc = _fields(_manifest(data)[0], "dq")["q"]["enc"]
   assert enc["scheme"] == "grouped" and enc["widths"] == "w"
 
@@ -233,7 +233,7 @@ def test_other_nodes_keep_the_generic_encoding(tmp_path):
       == ["codes", "bits"]
   assert "scheme" not in fields["codes"]["enc"]
   assert fields["codes"]["enc"] == _codec.encode_flat(codes.reshape(-1))[0]
-  _assert_node_equal(node, io._format.loads(data, keep_compressed=True)["dq"])
+  _assert_node_equal(node, io._load.loads(data, keep_compressed=True)["dq"])
 
 
 def test_codes_that_do_not_fit_their_width_fall_back(tmp_path):
@@ -253,7 +253,7 @@ def test_codes_that_do_not_fit_their_width_fall_back(tmp_path):
                            np.dtype(np.uint16), codes.size)
   np.testing.assert_array_equal(got, codes.reshape(-1))
   with pytest.raises(io.CorruptFileError, match="dq: .*does not fit"):
-    io._format.loads(data, keep_compressed=True)
+    io._load.loads(data, keep_compressed=True)
 
 
 def test_decoder_rejects_widths_that_disagree():
@@ -286,7 +286,7 @@ def small_file(tmp_path_factory):
   tree = {"dq": node, "b": np.arange(3, dtype=np.float32)}
   path, data = _save(tmp_path_factory.mktemp("small"), tree)
   assert _fields(_manifest(data)[0], "dq")["codes"]["enc"]["scheme"] == "grouped"
-  return data, io._format.loads(data, keep_compressed=True)
+  return data, io._load.loads(data, keep_compressed=True)
 
 
 def _identical(a, b):
@@ -301,7 +301,7 @@ def test_every_byte_flip_is_detected_or_harmless(small_file):
       bad = bytearray(data)
       bad[i] ^= xor
       try:
-        out = io._format.loads(bytes(bad), "flip.cx", keep_compressed=True)
+        out = io._load.loads(bytes(bad), "flip.cx", keep_compressed=True)
       except io.CorruptFileError as e:
         assert "flip.cx" in str(e)
         continue
@@ -312,7 +312,7 @@ def test_every_truncation_is_detected(small_file):
   data, _ = small_file
   for n in range(len(data)):
     with pytest.raises(io.CorruptFileError, match="cut.cx"):
-      io._format.loads(data[:n], "cut.cx")
+      io._load.loads(data[:n], "cut.cx")
 
 
 def _lie(data, edit):
@@ -334,7 +334,7 @@ def _lie(data, edit):
 def test_lying_manifest_is_caught(small_file, edit):
   data, _ = small_file
   with pytest.raises(io.CorruptFileError, match="lie.cx: dq/codes"):
-    io._format.loads(_lie(data, edit), "lie.cx")
+    io._load.loads(_lie(data, edit), "lie.cx")
 
 
 def test_pruned_diffq_codes_stay_sparse(tmp_path):
@@ -346,8 +346,8 @@ def test_pruned_diffq_codes_stay_sparse(tmp_path):
   _, data = _save(tmp_path, tree)
   value = dict(_fields(_manifest(data)[0], "m")["value"]["fields"])
   assert value["codes"].get("sparse") and "scheme" not in value["codes"]["enc"]
-  back = io._format.loads(data, keep_compressed=True)["m"].value
+  back = io._load.loads(data, keep_compressed=True)["m"].value
   np.testing.assert_array_equal(np.asarray(back.codes)[mask], np.asarray(node.codes)[mask])
   np.testing.assert_array_equal(back.bits, node.bits)
-  np.testing.assert_array_equal(io._format.loads(data)["m"],
+  np.testing.assert_array_equal(io._load.loads(data)["m"],
                                 np.asarray(tree["m"].materialize()))

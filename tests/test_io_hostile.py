@@ -17,6 +17,7 @@ import pytest
 import compressax as cx
 from compressax import io
 from compressax.io import _format
+from compressax.io import _load
 
 _HDR = struct.Struct("<8sHHQI")
 
@@ -95,7 +96,7 @@ def test_constant_int64_bomb(tmp_path):
                      {"kind": "int", "min": 0, "bits": 0, "raw": 0,
                       "count": 1 << 26}))
   assert len(data) < 200
-  out, peak = _peak(lambda: _format.loads(data, "bomb.cx"))
+  out, peak = _peak(lambda: _load.loads(data, "bomb.cx"))
   assert isinstance(out, io.LimitExceededError), out
   assert "<root>: an array of shape [67108864] needs 67,108,864 elements" in str(out)
   assert "max_elements" in str(out)
@@ -104,8 +105,8 @@ def test_constant_int64_bomb(tmp_path):
   small = _build(_arr([3 << 20], "int8", {"kind": "int", "min": 5, "bits": 0,
                                           "raw": 0, "count": 3 << 20}))
   with pytest.raises(io.LimitExceededError):
-    _format.loads(small, "ok.cx")
-  assert (_format.loads(small, "ok.cx", max_elements=3 << 20) == 5).all()
+    _load.loads(small, "ok.cx")
+  assert (_load.loads(small, "ok.cx", max_elements=3 << 20) == 5).all()
 
 
 def test_all_false_mask_bomb():
@@ -114,7 +115,7 @@ def test_all_false_mask_bomb():
          "coder": "raw", "bits": 1, "count": 0}
   data = _build(_arr([1 << 29], "bool", enc))
   assert len(data) < 220
-  out, peak = _peak(lambda: _format.loads(data, "mask.cx"))
+  out, peak = _peak(lambda: _load.loads(data, "mask.cx"))
   assert isinstance(out, io.LimitExceededError), out
   assert peak < 4 * _MB, peak
 
@@ -128,12 +129,12 @@ def test_lowrank_materialization_bomb():
           "fields": [["u", _arr([8192, 0], "float32", empty)],
                      ["v", _arr([0, 8192], "float32", empty)]]}
   data = _build({"t": "dict", "items": [["w", node]]})
-  out, peak = _peak(lambda: _format.loads(data, "lr.cx"))
+  out, peak = _peak(lambda: _load.loads(data, "lr.cx"))
   assert isinstance(out, io.LimitExceededError), out
   assert "w: materializing the node needs 67,108,864 elements" in str(out)
   assert peak < 4 * _MB, peak
   # Kept compressed, nothing big is allocated: the factors are empty.
-  kept = _format.loads(data, "lr.cx", keep_compressed=True)["w"]
+  kept = _load.loads(data, "lr.cx", keep_compressed=True)["w"]
   assert kept.u.shape == (8192, 0)
 
 
@@ -142,18 +143,18 @@ def test_many_records_bomb():
   tree = {"t": "list", "items": [{"t": "none"}] * 4_000_000}
   data = _build(tree)
   assert len(data) < 200_000
-  out, peak = _peak(lambda: _format.loads(data, "many.cx"))
+  out, peak = _peak(lambda: _load.loads(data, "many.cx"))
   assert isinstance(out, io.LimitExceededError), out
   assert peak < 16 * _MB, peak
   # With the inflation cap raised, the record count still stops it early.
-  out, peak = _peak(lambda: _format.loads(data, "many.cx",
+  out, peak = _peak(lambda: _load.loads(data, "many.cx",
                                           max_manifest_bytes=1 << 27))
   assert isinstance(out, io.LimitExceededError) and "records" in str(out), out
   few = _build({"t": "list", "items": [{"t": "none"}] * 20_000})
   with pytest.raises(io.LimitExceededError, match="more than 16,384 records"):
-    _format.loads(few, "few.cx")
+    _load.loads(few, "few.cx")
   # Records are JSON objects: the 20,000 items, the list and the manifest.
-  assert len(_format.loads(few, "few.cx", max_records=20_002)) == 20_000
+  assert len(_load.loads(few, "few.cx", max_records=20_002)) == 20_000
 
 
 def test_dev_zero_fails_fast():
@@ -215,7 +216,7 @@ def test_mutated_manifests_never_allocate_much(tmp_path, keep):
   io.save(tmp_path / "f.cx", _fuzz_base())
   data = (tmp_path / "f.cx").read_bytes()
   _, manifest, payloads = _split(data)
-  budget = max(_format.MIN_ELEMENTS, _format.ELEMENTS_PER_BYTE * len(data))
+  budget = max(_load.MIN_ELEMENTS, _load.ELEMENTS_PER_BYTE * len(data))
   bound = 48 * budget + 8 * _MB  # bytes per element at the peak, plus slack
   rng = np.random.default_rng(1 + keep)
   worst = 0
@@ -231,7 +232,7 @@ def test_mutated_manifests_never_allocate_much(tmp_path, keep):
       bad = _build(tree, payloads)
     except Exception:  # noqa: BLE001  the mutation broke the forger itself
       continue
-    out, peak = _peak(lambda: _format.loads(bad, "fuzz.cx", keep_compressed=keep))
+    out, peak = _peak(lambda: _load.loads(bad, "fuzz.cx", keep_compressed=keep))
     assert out is not None
     if isinstance(out, Exception):
       assert isinstance(out, io.CorruptFileError), repr(out)
@@ -329,7 +330,7 @@ def test_forged_metadata_is_refused(tmp_path, edit, match, keep):
   io.save(tmp_path / "n.cx", _node_tree())
   bad = _forge((tmp_path / "n.cx").read_bytes(), edit)
   with pytest.raises(io.CorruptFileError, match="n.cx: " + match):
-    _format.loads(bad, str(tmp_path / "n.cx"), keep_compressed=keep)
+    _load.loads(bad, str(tmp_path / "n.cx"), keep_compressed=keep)
 
 
 def test_honest_files_pass_validation(tmp_path):
@@ -340,4 +341,4 @@ def test_honest_files_pass_validation(tmp_path):
     np.testing.assert_array_equal(back[k].materialize(), node.materialize())
   # The forger itself is faithful: an unedited round trip still loads.
   again = _forge((tmp_path / "n.cx").read_bytes(), lambda t: None)
-  _format.loads(again, "again.cx")
+  _load.loads(again, "again.cx")

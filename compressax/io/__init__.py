@@ -23,7 +23,7 @@ from compressax.io._format import FORMAT_VERSION
 from compressax.io._format import MAGIC
 from compressax.io._format import CorruptFileError
 from compressax.io._format import LimitExceededError
-from compressax.io._format import load
+from compressax.io._load import load
 from compressax.io._format import save
 from compressax._node import leaf_name
 from compressax._node import leaf_type

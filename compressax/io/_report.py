@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from compressax.io._format import _encode, parse, save
+from compressax.io._format import _encode, save
+from compressax.io._load import parse
 
 __all__ = ["LeafSize", "SizeReport", "size_report"]
 
