@@ -74,7 +74,8 @@ class DiffQArray(CompressedLeaf):
     if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.unsignedinteger):
       raise ValueError(f"codes must be unsigned ints of shape {tuple(self.shape)}, "
                        f"got {codes.dtype}{list(codes.shape)}")
-    counts = _bits.group_counts(self.size, g)
+    counts = _bits.group_counts(self.size, g) if self.size or not g \
+        else np.zeros(0, np.int64)
     if bits.shape != counts.shape or not np.issubdtype(bits.dtype, np.integer):
       raise ValueError(f"bits must be ints of shape {counts.shape}, got "
                        f"{bits.dtype}{list(bits.shape)}")

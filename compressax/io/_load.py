@@ -193,7 +193,12 @@ def _read_file(name: str, max_records=None, max_manifest_bytes=None):
     if regular and start + total != st.st_size:
       raise CorruptFileError(f"{name}: file has {st.st_size} bytes, the manifest "
                              f"says {start + total} (truncated or padded)")
-    payloads = _read_exact(f, total, name, "the payloads")
+    if regular:  # the size was checked: read in place, no second copy
+      payloads = bytearray(total)
+      if f.readinto(payloads) != total:
+        raise CorruptFileError(f"{name}: truncated inside the payloads")
+    else:
+      payloads = _read_exact(f, total, name, "the payloads")
     if f.read(1):
       raise CorruptFileError(f"{name}: the file is longer than the manifest "
                              "says (padded)")
