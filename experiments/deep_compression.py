@@ -3,28 +3,29 @@
 The three-stage pipeline, every stage through compressax's public API:
 
 1. **Baseline**: train the dense model (SGD, Nesterov momentum 0.9).
-2. **Pruning**: per-layer magnitude masks (``cx.prune.magnitude_mask`` with
-   ``cx.prune.sparsity_from_patterns``) at the paper's kept fractions, reached
-   in ``--prune-iters`` rounds of prune-then-retrain; each retraining runs
-   under the fixed mask (``cx.optim.prune_fixed``), so pruned weights stay
-   exactly zero.
-3. **Trained quantization**: per-layer 1-D k-means with linear init, then
-   centroid fine-tuning (``cx.optim.weight_sharing``, each centroid's
-   gradient the sum over its cluster) inside ``cx.optim.prune_fixed``. As in
-   the paper, only the kept weights are clustered (``mask=``).
-4. **Entropy coding**: the pruned, shared layers become
-   ``MaskedArray(CodebookArray)`` nodes and ``cx.io.save`` writes them with
-   relative-index position coding and Huffman/ANS coding of codes and gaps.
+2. **Pruning**: a ``cx.Plan`` of ``cx.methods.Magnitude`` per layer (rules
+   ``{"ip1": Magnitude(0.92), ...}`` from the paper's kept fractions) for each
+   of ``--prune-iters`` rounds of prune-then-retrain: the round's Magnitude
+   prunes at its first step and holds the mask while the model retrains, so
+   pruned weights stay exactly zero.
+3. **Trained quantization**: a ``cx.Plan`` of ``cx.methods.KMeans(bits,
+   pruned=True)`` per layer: 1-D k-means of the kept weights only (linear
+   init, as in the paper), then centroid fine-tuning through
+   ``cx.optim.weight_sharing`` (each centroid's gradient the sum over its
+   cluster) with the zeros held.
+4. **Entropy coding**: ``plan.finalize`` gives ``MaskedArray(CodebookArray)``
+   nodes and ``cx.save`` writes them with relative-index position coding and
+   Huffman/ANS coding of codes and gaps.
 
 The reported ``test_error`` is measured on the weights decoded from the
 written file (see :mod:`experiments.train`).
 
 Beyond the paper, for smaller files at the same error: ``--keep`` and
 ``--bits`` set kept fractions and bit widths per layer regex;
-``--share-init`` picks the k-means init per layer; ``--distill-alpha``
-retrains (pruning and centroid stages) against the dense baseline's logits
-with ``cx.distill.polino_loss``; ``--bias-bits`` stores the biases as
-``cx.quantize`` codes instead of float32.
+``--share-init`` picks the k-means init per layer (a ``KMeans`` rule per
+layer); ``--distill-alpha`` retrains (pruning and centroid stages) against
+the dense baseline's logits with ``cx.distill.polino_loss``; ``--bias-bits``
+stores the biases as ``cx.quantize`` codes instead of float32.
 
 Run ``python -m experiments.deep_compression`` (LeNet-300-100 on the bundled
 digits, about a minute) or, for the paper's MNIST numbers::
@@ -52,6 +53,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 import compressax as cx
 from experiments import train as train_lib
@@ -216,77 +218,148 @@ def _log(args, msg):
     print(msg, flush=True)
 
 
+class _Viewed:
+  """``model`` applied to a plan's training tree ``{"params", "aux"}``.
+
+  The forward pass sees ``plan.view(train)`` (for Magnitude and KMeans the
+  params themselves), so ``train_lib.fit`` can train and evaluate the tree
+  that ``plan.optimizer`` updates.
+  """
+
+  def __init__(self, model, plan: cx.Plan):
+    self.model, self.plan = model, plan
+
+  def apply(self, tree, x, **kwargs):
+    return self.model.apply(self.plan.view(tree), x, **kwargs)
+
+
+def _cross_entropy(model):
+  def loss_fn(params, x, y, key):
+    logits = model.apply(params, x, train=True, rngs={"dropout": key})
+    return train_lib.cross_entropy(logits, y)
+  return loss_fn
+
+
+def _fit(model, plan, train, tx, ds, args, *, epochs, seed, desc,
+         loss_fn=None, opt_state=None):
+  """``train_lib.fit`` of a plan's tree with ``plan.loss`` and ``tx``."""
+  loss = plan.loss(loss_fn or _cross_entropy(model))
+  return train_lib.fit(
+      _Viewed(model, plan), train, tx, ds, epochs=epochs,
+      batch_size=args.batch_size, seed=seed, quiet=args.quiet, desc=desc,
+      loss_fn=lambda t, x, y, key: loss(t, key, x, y, key),
+      opt_state=opt_state)
+
+
+def _zero_step(tx, state, train):
+  """``train`` after one update of ``tx`` with zero gradients.
+
+  With an inner optimizer that moves nothing, this applies only what the
+  plan's wrappers do on their own at that step: the pruning masks.
+  """
+  zeros = jax.tree_util.tree_map(np.zeros_like, train)
+  updates, _ = tx.update(zeros, state, train)
+  return optax.apply_updates(train, updates)
+
+
+def prune_plan(args, round_: int) -> cx.Plan:
+  """Round ``round_`` (1-based): keep ``keep ** (round_ / n)`` of each layer."""
+  frac = round_ / args.prune_iters
+  return cx.Plan({layer: cx.methods.Magnitude(sparsity=1.0 - keep ** frac)
+                  for layer, keep in args.keep.items()}, where=cx.default_rule)
+
+
 def prune_and_retrain(model, params, ds, args, curves, loss_fn=None):
   """Stage 1: reach the per-layer kept fractions in ``--prune-iters`` rounds.
 
-  Round ``i`` keeps ``keep ** (i / n)`` of each layer (a geometric path to the
-  target), so the last round lands exactly on the paper's fractions.
+  Round ``i`` is a plan of ``Magnitude(1 - keep ** (i / n))`` per layer (a
+  geometric path to the target), so the last round lands exactly on the
+  paper's fractions. Magnitude prunes at the round's first step and holds
+  the mask while the model retrains.
   """
   epochs = [args.prune_epochs // args.prune_iters
             + (i < args.prune_epochs % args.prune_iters)
             for i in range(args.prune_iters)]
-  mask = None
   for i in range(args.prune_iters):
-    frac = (i + 1) / args.prune_iters
-    patterns = {k: 1.0 - v ** frac for k, v in args.keep.items()}
-    sparsity = cx.prune.sparsity_from_patterns(params, patterns)
-    mask = cx.prune.magnitude_mask(params, sparsity, scope="layer")
-    params = cx.prune.apply_mask(params, mask)
-    err = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
+    plan = prune_plan(args, i + 1)
+    train = plan.init(params)
+    # The mask the round's first step takes, applied now: the error before
+    # retraining, and the first gradient is the pruned model's.
+    prune_only = plan.optimizer(optax.set_to_zero())
+    train = _zero_step(prune_only, prune_only.init(train), train)
+    err = train_lib.evaluate(model, train["params"], ds.x_test, ds.y_test)
     _log(args, f"  prune round {i + 1}/{args.prune_iters}: kept "
-               f"{_kept(mask):.4f} of weights, error before retraining {err:.4f}")
-    params, _, hist = train_lib.fit(
-        model, params,
-        cx.optim.prune_fixed(
-            _sgd(args, ds, args.prune_lr, epochs[i], args.weight_decay), mask), ds,
-        epochs=epochs[i], batch_size=args.batch_size, seed=args.seed + 1 + i,
-        quiet=args.quiet, desc=f"prune {i + 1}/{args.prune_iters}",
-        loss_fn=loss_fn)
+               f"{_kept(train['params']):.4f} of weights, error before "
+               f"retraining {err:.4f}")
+    tx = plan.optimizer(
+        _sgd(args, ds, args.prune_lr, epochs[i], args.weight_decay))
+    train, _, hist = _fit(
+        model, plan, train, tx, ds, args,
+        epochs=epochs[i], seed=args.seed + 1 + i,
+        desc=f"prune {i + 1}/{args.prune_iters}", loss_fn=loss_fn)
+    params = train["params"]
     curves[f"prune {i + 1}"] = hist["test_error"]
-  return params, mask
+  return params
 
 
-def _kept(mask) -> float:
-  stats = cx.prune.sparsity_stats(mask)["global"]
+def _kept(params) -> float:
+  stats = cx.prune.sparsity_stats(params)["global"]
   return stats["kept"] / max(1, stats["size"])
 
 
-def share_and_finetune(model, params, mask, ds, args, curves, loss_fn=None):
-  """Stage 2: k-means weight sharing, then centroid training under the mask.
+def share_plan(params, args) -> cx.Plan:
+  """``KMeans(bits, pruned=True)`` per layer, from ``--bits`` and ``--share-init``.
 
-  Returns the compressed tree: ``MaskedArray(CodebookArray)`` at every shared
-  layer, biases dense.
+  One init for all layers: the rules are ``--bits``' own
+  (``{"ip": KMeans(bits=6, pruned=True)}``). Inits per layer: one rule per
+  kernel, with the first matching ``--bits`` and ``--share-init`` entries.
   """
-  bits_fn = _by_layer(args.bits, "--bits")
-  init = (_by_layer(args.share_init, "--share-init")
-          if isinstance(args.share_init, dict) else args.share_init)
-  tx = cx.optim.prune_fixed(
-      cx.optim.weight_sharing(_sgd(args, ds, args.share_lr, args.share_epochs),
-                              bits=bits_fn, mask=mask,
-                              kmeans_init=init), mask)
-  state = tx.init(params)
-  ws = state.inner_state
-  snapped = cx.prune.apply_mask(cx.optim.shared_params(params, ws), mask)
-  err = train_lib.evaluate(model, snapped, ds.x_test, ds.y_test)
+  method = lambda bits, init: cx.methods.KMeans(  # noqa: E731
+      bits=bits, kmeans_init=init, pruned=True)
+  bits_of = _by_layer(args.bits, "--bits")
+  kernels = [cx.path_str(kp) for kp, _ in cx.selected_leaves(params)]
+  if isinstance(args.share_init, dict):
+    init_of = _by_layer(args.share_init, "--share-init")
+    rules = [(f"^{re.escape(p)}$", method(bits_of(p, None), init_of(p, None)))
+             for p in kernels]
+  else:
+    for p in kernels:  # every kernel is shared: name one without --bits
+      bits_of(p, None)
+    rules = {rx: method(b, args.share_init) for rx, b in args.bits.items()}
+  return cx.Plan(rules, where=cx.default_rule)
+
+
+def _shared(train, opt_state):
+  """``train`` with every shared leaf on its codebook (``shared_params``)."""
+  states = optax.tree_utils.tree_get_all_with_path(
+      opt_state, "WeightSharingState",
+      filtering=lambda _, v: isinstance(v, cx.optim.WeightSharingState))
+  for _, ws in states:  # one per distinct KMeans method
+    sel = jax.tree_util.tree_map(lambda c: np.ndim(c) > 0, ws.codes)
+    train = cx.optim.shared_params(train, ws, where=sel)
+  return train
+
+
+def share_and_finetune(model, params, ds, args, curves, loss_fn=None):
+  """Stage 2: k-means weight sharing of the kept weights, then centroid training.
+
+  Returns the compressed tree (``plan.finalize``: ``MaskedArray(CodebookArray)``
+  at every shared layer, biases dense) and the error right after k-means.
+  """
+  plan = share_plan(params, args)
+  train = plan.init(params)
+  tx = plan.optimizer(_sgd(args, ds, args.share_lr, args.share_epochs))
+  state = tx.init(train)  # k-means of the kept weights
+  err = train_lib.evaluate(model, _shared(train, state)["params"], ds.x_test,
+                           ds.y_test)
   _log(args, f"  weight sharing: error after k-means {err:.4f}")
-  params, state, hist = train_lib.fit(
-      model, params, tx, ds, epochs=args.share_epochs, batch_size=args.batch_size,
-      seed=args.seed + 100, quiet=args.quiet, desc="share", opt_state=state,
-      loss_fn=loss_fn)
+  train, _, hist = _fit(model, plan, train, tx, ds, args,
+                        epochs=args.share_epochs, seed=args.seed + 100,
+                        desc="share", loss_fn=loss_fn, opt_state=state)
   curves["share"] = hist["test_error"]
   _log(args, f"  centroid fine-tuning ({args.share_epochs} epochs): test error "
              f"{(hist['test_error'] or [err])[-1]:.4f}")
-  ws = state.inner_state
-
-  def node(keypath, x, codes, centroids):
-    # int32 codes in the file, as before weight_sharing kept them in uint8:
-    # the payload is bit-packed either way, but the manifest names the dtype,
-    # and the documented file sizes were measured with int32.
-    return cx.quantize.CodebookArray(codes=codes.astype(np.int32),
-                                     centroids=centroids, shape=tuple(x.shape),
-                                     dtype=np.dtype(x.dtype))
-  shared = cx.map_selected(node, params, ws.codes, ws.centroids)
-  return cx.prune.mask_to_nodes(shared, mask), err
+  return plan.finalize(train), err
 
 
 def main(argv=None) -> dict:
@@ -306,11 +379,11 @@ def main(argv=None) -> dict:
   _log(args, f"  baseline: test error {baseline_error:.4f}")
 
   loss_fn = distill_loss(model, params, args)
-  params, mask = prune_and_retrain(model, params, ds, args, curves, loss_fn)
+  params = prune_and_retrain(model, params, ds, args, curves, loss_fn)
   pruned_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
   _log(args, f"  pruned + retrained: test error {pruned_error:.4f}")
 
-  tree, kmeans_error = share_and_finetune(model, params, mask, ds, args, curves,
+  tree, kmeans_error = share_and_finetune(model, params, ds, args, curves,
                                           loss_fn)
   tree = quantize_biases(tree, args.bias_bits)
 

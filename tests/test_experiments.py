@@ -1,6 +1,8 @@
 """The experiments' data loaders, models and training/results utilities."""
 
 import argparse
+import contextlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +190,15 @@ def test_fit_is_deterministic_and_learns():
 
 # -- Deep Compression end to end (tiny) -----------------------------------------
 
+@contextlib.contextmanager
+def _no_deprecated_api():
+  """compressax's DeprecationWarnings (attributed to the caller) as errors."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", category=DeprecationWarning,
+                            module=r"(compressax|experiments)(\.|$)")
+    yield
+
+
 def test_deep_compression_smoke_results_agree_with_file(tmp_path, capsys):
   import json
   import os
@@ -196,9 +207,11 @@ def test_deep_compression_smoke_results_agree_with_file(tmp_path, capsys):
   from experiments import deep_compression
 
   out = tmp_path / "dc"
-  res = deep_compression.main([
-      "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
-      "--share-epochs", "1", "--seed", "3", "--quiet", "--out", str(out)])
+  # The experiment runs on the method layer only: no deprecated names.
+  with _no_deprecated_api():
+    res = deep_compression.main([
+        "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
+        "--share-epochs", "1", "--seed", "3", "--quiet", "--out", str(out)])
   assert str(out / "model.cx") in capsys.readouterr().out
   with open(out / "results.json") as f:
     saved = json.load(f)
@@ -227,6 +240,38 @@ def test_deep_compression_smoke_results_agree_with_file(tmp_path, capsys):
     assert np.count_nonzero(w) <= w.size - int((1 - keep) * w.size)
     assert np.count_nonzero(w) >= 0.5 * keep * w.size
     assert len(np.unique(w[w != 0])) <= 2 ** 6
+  # plan.finalize's nodes: the kept weights' codes over a codebook.
+  raw = cx.io.load(str(path), keep_compressed=True)
+  for layer in ("ip1", "ip2", "ip3"):
+    node = raw["params"][layer]["kernel"]
+    assert isinstance(node, cx.prune.MaskedArray)
+    assert isinstance(node.value, cx.quantize.CodebookArray)
+    assert node.value.centroids.shape[0] <= 2 ** 6
+
+
+def test_deep_compression_plans_are_per_layer_rules():
+  import compressax as cx
+  from experiments import deep_compression
+  model = models_lib.get_model("lenet300")
+  ds = data_lib.load_dataset("digits")
+  params = models_lib.param_shapes(model, ds.image_shape)
+  params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
+  args = deep_compression.parse_args(["--prune-iters", "2"])
+  methods = deep_compression.prune_plan(args, 2).methods(params)["params"]
+  for layer, keep in deep_compression.KEEP["lenet300"].items():
+    assert methods[layer]["kernel"] == cx.methods.Magnitude(1.0 - keep)
+    assert cx.is_skip(methods[layer]["bias"])
+  half = deep_compression.prune_plan(args, 1).methods(params)["params"]
+  assert half["ip1"]["kernel"].sparsity == pytest.approx(1 - 0.08 ** 0.5)
+  args = deep_compression.parse_args(["--share-init", "ip1=companding,ip=linear"])
+  methods = deep_compression.share_plan(params, args).methods(params)["params"]
+  assert methods["ip1"]["kernel"] == cx.methods.KMeans(
+      bits=6, kmeans_init="companding", pruned=True)
+  assert methods["ip2"]["kernel"] == cx.methods.KMeans(bits=6, pruned=True)
+  assert cx.is_skip(methods["ip3"]["bias"])
+  with pytest.raises(ValueError, match="ip3/kernel: no --bits entry"):
+    deep_compression.share_plan(
+        params, deep_compression.parse_args(["--bits", "ip1=5,ip2=5"]))
 
 
 def test_deep_compression_distill_and_bias_bits(tmp_path):
@@ -234,11 +279,12 @@ def test_deep_compression_distill_and_bias_bits(tmp_path):
   from experiments import deep_compression
 
   out = tmp_path / "dcd"
-  res = deep_compression.main([
-      "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
-      "--share-epochs", "1", "--distill-alpha", "0.7", "--bias-bits", "6",
-      "--share-init", "ip1=companding,ip=linear",
-      "--quiet", "--no-plot", "--out", str(out)])
+  with _no_deprecated_api():
+    res = deep_compression.main([
+        "--epochs", "2", "--prune-iters", "1", "--prune-epochs", "1",
+        "--share-epochs", "1", "--distill-alpha", "0.7", "--bias-bits", "6",
+        "--share-init", "ip1=companding,ip=linear",
+        "--quiet", "--no-plot", "--out", str(out)])
   assert res["distill"] == {"alpha": 0.7, "temperature": 4.0}
   assert res["share_init"] == {"ip1": "companding", "ip": "linear"}
   assert res["bias_bits"] == 6
