@@ -131,7 +131,9 @@ Train a small Flax MLP on scikit-learn's digits, then compress it with
 2. prune it with `cx.prune.magnitude_mask`,
 3. store 4-bit codes under a pruning mask in a real file with `cx.save`, reload it with
    `cx.load`, and see where the bytes go with `cx.size_report`,
-4. plot accuracy against bits.
+4. train a conv net with a different method per layer from one `cx.Plan` (k-means
+   sharing, low-rank + 8 bits, 2:4 + 4 bits, DiffQ) and write it to one file,
+5. plot accuracy against bits.
 
 compressax works on the parameter pytree itself: no module is rewritten.""".replace(
         "REPO", REPO)),
@@ -218,6 +220,59 @@ print("4 bits + 70% pruned, reloaded: test accuracy", f"{float(accuracy(restored
 print("same in memory:               test accuracy", f"{float(accuracy(cx.materialize(compressed))):.3f}")
 print()
 print(cx.size_report("digits_mlp.cx"))"""),
+    md("""\
+## One plan, several methods
+
+A `cx.Plan` picks a compression method per leaf by rules (a regex on the `/` path,
+first match wins) and runs the same lifecycle for all of them: the training view, the
+penalties, one optimizer, and `finalize` to stored nodes (see `docs/design.md`). Here a
+small conv net on the same digits gets k-means weight sharing on the conv kernel,
+8-bit low-rank factors on the first Dense, 2:4 sparsity plus 4-bit codes on the
+second, and DiffQ's learned bits on the head; it trains with one optax optimizer and
+is written to one file."""),
+    code("""\
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x.reshape(-1, 8, 8, 1))).reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(10, name="head")(x)
+
+net = ConvNet()
+net_params = net.init(jax.random.key(0), x_train[:1])
+M = cx.methods
+plan = cx.Plan([
+    (r"Conv_0/kernel", M.KMeans(bits=4)),
+    (r"Dense_0/kernel", M.LowRank(rank=16) >> M.Uniform(8)),
+    (r"Dense_1/kernel", M.NM(2, 4) >> M.Uniform(4, symmetric=True)),
+    (r"head/kernel", M.DiffQ(size_penalty=1e-2, group_size=16)),
+])
+print(plan)
+
+def net_loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(net.apply(p, x), y).mean()
+
+train = plan.init(net_params, jax.random.key(1))   # {"params": ..., "aux": ...}
+loss_fn = plan.loss(net_loss)                      # the task on the training view + penalties
+tx = plan.optimizer(optax.adam(3e-3))              # pruning/sharing wrappers + the logits' Adam
+opt_state = tx.init(train)
+
+@jax.jit
+def plan_step(train, opt_state, key, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(train, key, x, y)
+    updates, opt_state = tx.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, loss
+
+for step in range(int(os.environ.get("COMPRESSAX_NOTEBOOK_STEPS", 600))):
+    train, opt_state, loss = plan_step(train, opt_state, jax.random.key(step), *batch(step))
+
+final = plan.finalize(train)                       # every method's stored node
+nbytes = cx.save("digits_convnet.cx", final)
+restored = cx.load("digits_convnet.cx")
+net_acc = lambda p: float(jnp.mean(jnp.argmax(net.apply(p, x_test), -1) == y_test))
+print(f"wrote digits_convnet.cx: {nbytes} bytes; test accuracy from the file {net_acc(restored):.3f}")
+print(cx.size_report("digits_convnet.cx"))"""),
     md("## Accuracy against bits and sparsity"),
     code("""\
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
