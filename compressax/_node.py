@@ -167,12 +167,16 @@ def _own(cls, attr, default=None):
 
 
 def leaf_name(cls: type) -> str:
-  """The name files record for a registered compressed-leaf class."""
+  """The name files record for a registered compressed-leaf class.
+
+  A class replaced under its name (a notebook cell run again) keeps it, so
+  nodes made before the re-run still save; they load as the new class.
+  """
   name = _own(cls, "_cx_name")
-  if name is None or _REGISTRY.get(name) is not cls:
+  if name is None:
     raise TypeError(f"{cls.__qualname__} is not registered with "
-                    "compressax.compressed_leaf (or another class has since "
-                    f"been registered as {name!r})")
+                    "compressax.compressed_leaf (a subclass of a registered "
+                    "class needs its own registration)")
   return name
 
 

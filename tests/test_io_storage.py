@@ -203,6 +203,19 @@ def test_same_short_name_in_two_packages_and_rerun_cells(tmp_path):
   a2 = _define(module="pkg_a.nodes")
   assert type(io.load(tmp_path / "t.cx", keep_compressed=True)["a"]) is a2
   io.save(tmp_path / "t2.cx", a2(np.zeros(2), (2,), np.dtype(np.float64)))
+  # A node made before the re-run still saves, and loads as the new class.
+  io.save(tmp_path / "t3.cx", tree["a"])
+  assert type(io.load(tmp_path / "t3.cx", keep_compressed=True)) is a2
+
+
+def test_unregistered_subclass_is_refused(tmp_path):
+  @dataclasses.dataclass(frozen=True)
+  class Sub(cx.prune.MaskedArray):
+    pass
+  node = Sub(value=np.ones(2, np.float32), mask=np.ones(2, bool), shape=(2,),
+             dtype=np.dtype(np.float32))
+  with pytest.raises(TypeError, match=r"w: .*Sub is not registered"):
+    io.save(tmp_path / "s.cx", {"w": node})
 
 
 def _rewrite(path, edit):
