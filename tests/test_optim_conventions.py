@@ -119,6 +119,21 @@ def test_a_compressed_node_passes_through_the_inner_optimizer(name, jit):
     assert len(np.unique(b)) <= 4          # ... or shared
 
 
+@pytest.mark.parametrize("name", ["prune_magnitude", "prune_fixed", "prune_nm",
+                                  "weight_sharing"])
+def test_a_node_with_integer_parts_is_a_clear_error(name):
+  params = {"a": {"kernel": cx.quantize.quantize(_W, 4)}, "b": {"kernel": _W}}
+  grads = jax.grad(lambda p: jnp.sum(cx.materialize(p["a"]["kernel"]))
+                   + jnp.sum(p["b"]["kernel"] ** 2), allow_int=True)(params)
+  tx = _NODE_TX[name]()
+  if name == "prune_fixed":
+    tx = cx.optim.prune_fixed(_sgd(), cx.prune.magnitude_mask(params, 0.5,
+                                                              where="b/"))
+  with pytest.raises(TypeError, match=r"params\['a'\]\['kernel'\]: .*"
+                     r"QuantizedArray.*non-floating.*optax\.set_to_zero"):
+    tx.update(grads, tx.init(params), params)
+
+
 def test_helpers_read_state_built_on_a_tree_with_a_node():
   params = _node_tree()
   tx = cx.optim.weight_sharing(0.1, n_clusters=4)

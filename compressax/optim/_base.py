@@ -193,3 +193,30 @@ def selection(params: Any, where: _select.Where, transform: str,
 
   return jax.tree_util.tree_map_with_path(check, params, sel,
                                           is_leaf=_select.is_leaf)
+
+
+def check_node_updates(updates: Any, transform: str) -> None:
+  """Compressed nodes' updates must be floating for the inner optimizer.
+
+  The gradient of a node with integer parts (the codes of a
+  ``QuantizedArray``) holds ``float0`` there, which no Optax optimizer can
+  update; say so, naming the leaf, instead of failing inside optax. Runs at
+  trace time only.
+
+  Raises:
+    TypeError: naming the leaf and what to do.
+  """
+  def check(kp, u):
+    if not _node.is_compressed(u):
+      return
+    for part in jax.tree_util.tree_leaves(u):
+      dtype = getattr(part, "dtype", None)
+      if dtype is not None and not np.issubdtype(dtype, np.inexact):
+        _checks.fail(kp, f"{transform}: this compressed node "
+                         f"({type(u).__name__}) has non-floating parts "
+                         f"(dtype {dtype} in its update), which the inner "
+                         "optimizer cannot update; freeze it (e.g. "
+                         "optax.partition with optax.set_to_zero() for it) "
+                         "or train its materialized dense value", TypeError)
+
+  jax.tree_util.tree_map_with_path(check, updates, is_leaf=_select.is_leaf)

@@ -106,6 +106,7 @@ def _masked_update(name, inner, rule, extra_static, updates, state, params,
         lambda: rule.new_masks(_tree_map(_keep, state.masks, params),
                                state.count, hp),
         lambda: state.masks)
+  _base.check_node_updates(updates, name)
   grads = _tree_map(_keep, masks, updates)
   inner_u, inner_state = inner.update(grads, state.inner_state, params,
                                       **extra_args)

@@ -269,6 +269,7 @@ def _update(inner, where, extra_static, updates, state, params, lr,
   inner = optax.with_extra_args_support(inner)
   extra_args = _base.join_extra_args(extra_static, extra_args)
   sel = _base.selection(params, where.value, "weight_sharing", "shared")
+  _base.check_node_updates(updates, "weight_sharing")
   leaf = _select.is_leaf
 
   masks = (jax.tree_util.tree_map(lambda _: jnp.asarray(True), state.codes)
