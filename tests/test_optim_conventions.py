@@ -187,8 +187,14 @@ def _count_compiles():
 
 
 @pytest.mark.parametrize("name", sorted(BATTERY))
-def test_eager_updates_compile_once_and_match_jit(name):
-  tx = _make(name)
+@pytest.mark.parametrize("inject", [False, True])
+def test_eager_updates_compile_once_and_match_jit(name, inject):
+  """Also under inject_hyperparams, which rebuilds the transform each step."""
+  if inject:
+    factory, kw, static = BATTERY[name]
+    tx = optax.inject_hyperparams(factory, static_args=static)(_sgd(), **kw)
+  else:
+    tx = _make(name)
   params = _params()
   grads = [_grads(params, t) for t in range(5)]
   eager_p, eager_s = params, tx.init(params)
@@ -196,12 +202,14 @@ def test_eager_updates_compile_once_and_match_jit(name):
   jitted = jax.jit(tx.update)
   compiles = []
   for t in range(5):
-    with _count_compiles() as events:
+    # inject_hyperparams mixes int and float internally: not strict-clean.
+    with _count_compiles() as events, jax.numpy_dtype_promotion("standard"):
       u, eager_s = tx.update(grads[t], eager_s, eager_p)
       jax.block_until_ready(u)
     compiles.append(len(events))
     eager_p = optax.apply_updates(eager_p, u)
-    v, jit_s = jitted(grads[t], jit_s, jit_p)
+    with jax.numpy_dtype_promotion("standard"):
+      v, jit_s = jitted(grads[t], jit_s, jit_p)
     jit_p = optax.apply_updates(jit_p, v)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
                                                          atol=1e-7), u, v)
