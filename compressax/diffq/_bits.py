@@ -94,11 +94,24 @@ def is_quantized(path, x, logit, group_size: int) -> bool:
     _checks.fail(path, f"has logits of shape {np.shape(logit)}, but "
                        f"group_size={group_size} gives {want} group(s) for "
                        f"{np.size(x)} weights; use the group_size of init_logits")
+  if _checks.is_concrete(logit):
+    nan = np.isnan(np.asarray(logit, np.float32))
+    if nan.any():
+      _checks.fail(path, f"bit logits contain {int(nan.sum())} NaN value(s) "
+                         f"(groups {np.flatnonzero(nan)[:8].tolist()}); a NaN "
+                         "has no bit width")
   return True
 
 
 def logit_bits(logit, b_min, b_max) -> jax.Array:
-  t = jax.nn.sigmoid(jnp.asarray(logit).astype(jnp.float32))
+  """``b_min + sigmoid(logit) (b_max - b_min)``; a NaN logit gives ``b_max``.
+
+  A traced NaN cannot be rejected; reading it as ``+inf`` keeps every group
+  at a valid width (never 0 bits, never NaN sizes or noise), at the most
+  bits, and gives the NaN logit a zero gradient.
+  """
+  logit = jnp.asarray(logit).astype(jnp.float32)
+  t = jax.nn.sigmoid(jnp.where(jnp.isnan(logit), jnp.inf, logit))
   return b_min + t * (b_max - b_min)
 
 
@@ -111,7 +124,7 @@ def bits_from_logits(logits, *, b_min: float = 2, b_max: float = 15) -> Any:
 
   Returns:
     A pytree like ``logits`` of float32 (fractional) bit widths; empty
-    leaves stay empty.
+    leaves stay empty. A NaN logit gives ``b_max``.
 
   Raises:
     ValueError: for bad bounds.

@@ -172,8 +172,9 @@ def noisy(params, logits, key, *, group_size: int = 16, b_min: float = 2,
     other leaves are the same objects.
 
   Raises:
-    ValueError: for mismatched trees or logit counts (naming the leaf path),
-      a bad ``noise``, ``group_size`` or bounds.
+    ValueError: for mismatched trees or logit counts, or a concrete NaN
+      logit (naming the leaf path), a bad ``noise``, ``group_size`` or
+      bounds. A traced NaN logit gives its group ``b_max`` bits.
 
   References:
     Défossez et al., *DiffQ*, 2021. https://arxiv.org/abs/2104.09987

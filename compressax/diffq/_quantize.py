@@ -135,8 +135,9 @@ def quantize(params, logits, *, group_size: int = 16, b_min: float = 2,
     leaves and the other leaves as the same objects. Jit-able.
 
   Raises:
-    ValueError: mismatched trees or logit counts, or NaN/Inf weights (naming
-      the leaf path), a bad ``group_size`` or bounds.
+    ValueError: mismatched trees or logit counts, NaN/Inf weights or a
+      concrete NaN logit (naming the leaf path), a bad ``group_size`` or
+      bounds. A traced NaN logit gives its group ``b_max`` bits (never 0).
 
   References:
     Défossez et al., *DiffQ*, 2021. https://arxiv.org/abs/2104.09987

@@ -50,8 +50,9 @@ def model_size(params, logits, *, group_size: int = 16, b_min: float = 2,
     A float32 scalar.
 
   Raises:
-    ValueError: mismatched trees or logit counts (naming the leaf path), a
-      bad ``unit``, ``group_size`` or bounds.
+    ValueError: mismatched trees or logit counts, or a concrete NaN logit
+      (naming the leaf path), a bad ``unit``, ``group_size`` or bounds. A
+      traced NaN logit counts as ``b_max`` bits.
 
   References:
     Défossez et al., *DiffQ*, 2021. https://arxiv.org/abs/2104.09987

@@ -53,9 +53,29 @@ _CHUNK = 1 << 18
 _LEN_BITS = 5  # a code length (<= 20) in the stored length table
 
 
+def _check_counts(counts, name: str) -> np.ndarray:
+  c = np.asarray(counts)
+  if c.ndim != 1:
+    raise ValueError(f"{name}: counts must be a 1-D array, got shape {c.shape}")
+  if c.size and not (np.issubdtype(c.dtype, np.integer)
+                     or np.issubdtype(c.dtype, np.floating)):
+    raise ValueError(f"{name}: counts must be numbers, got dtype {c.dtype}")
+  bad = ~np.isfinite(c.astype(np.float64)) | (c < 0)
+  if bad.any():
+    raise ValueError(f"{name}: counts must be finite and >= 0, got "
+                     f"{c[bad][:4].tolist()} at symbol(s) "
+                     f"{np.flatnonzero(bad)[:4].tolist()}")
+  return c
+
+
 def entropy_bits(counts) -> float:
-  """Empirical entropy of a sample in bits: ``-sum c log2(c / n)``."""
-  c = np.asarray(counts, np.float64)
+  """Empirical entropy of a sample in bits: ``-sum c log2(c / n)``.
+
+  Raises:
+    ValueError: ``counts`` is not 1-D, or holds a negative or non-finite
+      value.
+  """
+  c = _check_counts(counts, "entropy_bits").astype(np.float64)
   c = c[c > 0]
   n = c.sum()
   return float(-(c * np.log2(c / n)).sum()) if n else 0.0
@@ -102,12 +122,30 @@ def huffman_code_lengths(counts, max_len: int = MAX_CODE_LEN) -> np.ndarray:
     An ``int64`` array of lengths, 0 for absent symbols. A lone symbol gets
     length 1.
 
+  Raises:
+    ValueError: ``counts`` is not 1-D or holds a negative, non-finite or
+      fractional value, or ``max_len`` is too short for the present symbols
+      (``A`` symbols need ``max_len >= max(1, ceil(log2 A))``).
+
   References:
     Huffman. A Method for the Construction of Minimum-Redundancy Codes. 1952.
     Han, Mao, Dally. Deep Compression. ICLR 2016.
     https://arxiv.org/abs/1510.00149
   """
-  counts = np.asarray(counts, np.int64)
+  c = _check_counts(counts, "huffman_code_lengths")
+  if np.any(c != np.floor(c)):
+    raise ValueError("huffman_code_lengths: counts must be whole numbers")
+  counts = c.astype(np.int64)
+  if isinstance(max_len, (bool, np.bool_)) or not isinstance(
+      max_len, (int, np.integer)):
+    raise ValueError(f"huffman_code_lengths: max_len must be an int, got "
+                     f"{max_len!r}")
+  present = int(np.count_nonzero(counts))
+  need = max(1, (present - 1).bit_length()) if present else 0
+  if max_len < need:
+    # Halving the counts could never make the code fit: it would loop.
+    raise ValueError(f"huffman_code_lengths: {present} symbols need codes of "
+                     f"at least {need} bits, but max_len={max_len}")
   lengths = _huffman_lengths_unlimited(counts)
   while lengths.max(initial=0) > max_len:
     counts = np.where(counts > 0, (counts + 1) // 2, 0)

@@ -55,7 +55,8 @@ def rank_for_energy(x: jax.Array, energy, *, path=None):
   Args:
     x: a floating leaf with ``ndim >= 2`` (matrix view as in :func:`factorize`).
     energy: the retained fraction, in ``(0, 1]``. May be traced; a traced
-      value outside the interval is clipped into it.
+      value outside the interval is clipped into it, and a traced NaN
+      means 1 (keep all the energy).
     path: the leaf's path, for error messages.
 
   Returns:
@@ -70,7 +71,8 @@ def rank_for_energy(x: jax.Array, energy, *, path=None):
   _checks.check_range(path, "energy", energy, 0.0, 1.0, lo_open=True)
   s2 = jnp.square(singular_values(x, path=path))
   cum = jnp.cumsum(s2)
-  target = jnp.clip(jnp.asarray(energy, jnp.float32), 0.0, 1.0) * cum[-1]
+  e = jnp.asarray(energy, jnp.float32)
+  target = jnp.clip(jnp.where(jnp.isnan(e), 1.0, e), 0.0, 1.0) * cum[-1]
   # Rounding can leave cum[-1] a hair below target for energy == 1; the clip
   # keeps r within [1, min(m, n)].
   r = jnp.clip(jnp.sum(cum < target) + 1, 1, s2.shape[0]).astype(jnp.int32)

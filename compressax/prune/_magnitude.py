@@ -24,9 +24,12 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None,
   Ties never change the count: weights are ranked by ``|w|`` descending, then
   by flat index ascending (row-major within a leaf, leaves in tree order for
   the global scope), so of equal magnitudes the earlier weight is kept.
-  ``floor(s * n)`` is exact for a concrete sparsity (rational arithmetic on
-  its shortest decimal, so 0.3 of 10 prunes 3); a traced one is computed in
-  float32 with a small tolerance (see ``pruned_count`` in ``_rank.py``).
+  ``floor(s * n)`` is exact: a Python float is read as its shortest decimal
+  (so 0.3 of 10 prunes 3), and a float32 value, concrete or traced, as that
+  float32 with ``s * n`` just below an integer (within float32 rounding)
+  taken as the integer (so ``jnp.float32(0.95)`` of 30000 prunes 28500).
+  Eager and traced float32 sparsities give the same count (see
+  ``pruned_count`` in ``_rank.py``).
 
   Args:
     params: a parameter pytree (linen ``{'params': ...}``, ``nnx.State``, dict).
@@ -34,7 +37,9 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None,
       ``jax.vmap`` over a vector of sparsities works); for ``scope="layer"``
       also a pytree of per-leaf scalars with the params' structure (see
       :func:`erk_sparsity`) or a mapping from leaf path to scalar. A traced
-      value outside ``[0, 1]`` is clipped (1 keeps nothing).
+      value cannot be rejected: one of 1 or more keeps exactly one weight
+      (per leaf, or in all for the global scope), a negative one or NaN
+      prunes nothing.
     scope: ``"layer"`` or ``"global"``.
     where: which leaves to prune (default: weight matrices and kernels).
     method: how the magnitude threshold is found; every method gives the
@@ -55,7 +60,11 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None,
     TypeError: integer/bool leaves selected, or a non-scalar sparsity.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.arange(1.0, 101.0).reshape(10, 10),
+    ...                     "bias": jnp.zeros(10)}}
     >>> mask = cx.prune.magnitude_mask(params, 0.9, scope="global")
+    >>> int(mask["dense"]["kernel"].sum()), mask["dense"]["bias"].shape
+    (10, ())
     >>> pruned = cx.prune.apply_mask(params, mask)
 
   References:

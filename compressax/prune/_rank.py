@@ -38,8 +38,8 @@ _INT_MAX = int(np.iinfo(np.int32).max)
 # serves every sparsity while each bisection is repeated, so the default
 # keeps the sort up to here; `method="bisect"` asks for the bisection.
 SORT_LIMIT = 1 << 22
-# Relative tolerance under which a traced float32 s*n is taken as an integer.
-_TRACED_TOL = 2.0 ** -20
+# A float32 sparsity s prunes floor(s n 2^24 / (2^24 - 1)): see pruned_count.
+_SNAP = 2 ** 24
 
 
 @jax.jit
@@ -62,28 +62,95 @@ def random_keys(key, n: int) -> jax.Array:
 
 
 def pruned_count(n: int, sparsity):
-  """``floor(sparsity * n)``: how many of ``n`` entries a sparsity prunes.
+  """How many of ``n`` entries a sparsity prunes: ``floor(sparsity * n)``.
 
-  A concrete sparsity is read as the shortest decimal that round-trips to it
-  (``str`` of the NumPy scalar) and multiplied in exact rational arithmetic, so
-  ``0.29`` of 100 prunes 29 although ``0.29 * 100 == 28.999999999999996`` in
-  float64. A traced sparsity is clipped to ``[0, 1]`` and computed in float32;
-  a product within a relative ``2**-20`` of an integer is taken as that
-  integer (float32 cannot hold ``0.29`` exactly either). That matches the
-  concrete count whenever ``s * n < 2**19`` or so; for larger products it may
-  differ by a few counts. Pass a concrete sparsity for the exact rule.
+  Two exact rules, and eager and traced calls agree for every float32 value:
+
+  * A sparsity whose value is exactly a float32 (every traced sparsity, read
+    as float32; a concrete float32, float16 or bfloat16; a Python float such
+    as ``0.5`` or ``float(jnp.float32(0.95))``) prunes ``floor(s n)``, or
+    ``c = floor(s n) + 1`` when ``s n`` lies less than 1/2 below ``c`` and
+    within float32's relative rounding of it: ``c (1 - 2^-24) <= s n``. A
+    float32 cannot hold ``0.95``, and ``float32(0.95) * 30000`` is
+    ``28499.9996``, yet it prunes 28500. Computed exactly: in rational
+    arithmetic eagerly, in 64-bit integer arithmetic on uint32 pairs traced.
+  * Any other concrete value (a Python float like ``0.3``) is read as the
+    shortest decimal that round-trips to it (``str``) and multiplied in
+    exact rational arithmetic, so ``0.29`` of 100 prunes 29 although
+    ``0.29 * 100 == 28.999999999999996`` in float64.
+
+  The count is at most ``n - 1`` (for ``n >= 1``): at least one entry is
+  kept. So a traced sparsity of 1 or more (which cannot be rejected) keeps
+  exactly one; a traced NaN prunes nothing; a negative one is 0.
 
   Returns:
     A Python ``int`` for a concrete sparsity, else an ``int32`` scalar.
   """
+  top = max(int(n) - 1, 0)
   if _checks.is_concrete(sparsity):
     v = np.asarray(sparsity)[()]
-    return math.floor(Fraction(str(v)) * n)
-  s = jnp.clip(jnp.asarray(sparsity).astype(jnp.float32), 0.0, 1.0)
-  q = s * np.float32(n)
-  r = jnp.round(q)
-  near = jnp.abs(q - r) <= _TRACED_TOL * jnp.maximum(q, 1.0)
-  return jnp.where(near, r, jnp.floor(q)).astype(jnp.int32)
+    f = float(v)
+    if math.isnan(f) or f <= 0:
+      return 0
+    if f >= 1:
+      return top
+    if float(np.float32(f)) != f:
+      return min(math.floor(Fraction(str(v)) * n), top)
+    x = Fraction(f) * n
+    c = math.floor(x)
+    snap = x - c > Fraction(1, 2) and (c + 1) * (_SNAP - 1) <= x * _SNAP
+    return min(c + int(snap), top)
+  s = jnp.asarray(sparsity).astype(jnp.float32)
+  s = jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0)
+  return jnp.minimum(_pruned_float32(n, s), top).astype(jnp.int32)
+
+
+def _mul64(a, b):
+  """``a * b`` of two uint32 scalars as a ``(high, low)`` uint32 pair."""
+  mask = jnp.uint32(0xFFFF)
+  a0, a1, b0, b1 = a & mask, a >> 16, b & mask, b >> 16
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> 16) + (p01 & mask) + (p10 & mask)  # < 3 * 2^16
+  lo = (p00 & mask) | (mid << 16)
+  hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+  return hi, lo
+
+
+def _shr64(hi, lo, k):
+  """``(hi, lo) >> k`` for ``0 <= k < 64`` (no shift by 32 or more is used)."""
+  r = k & jnp.uint32(31)
+  low = jnp.where(r == 0, lo, (lo >> r) | (hi << ((32 - r) & 31)))
+  big = k >= 32
+  return jnp.where(big, jnp.uint32(0), hi >> r), jnp.where(big, hi >> r, low)
+
+
+def _pruned_float32(n: int, s) -> jax.Array:
+  """:func:`pruned_count`'s float32 rule, exactly, for traced ``s`` in [0, 1].
+
+  With ``s = m 2^-k`` (``m`` the 24-bit significand, ``24 <= k <= 55`` for
+  ``2^-32 <= s < 1``) and ``P = m n < 2^55``: ``floor(s n) = P >> k``; ``s n``
+  lies more than 1/2 above it when bit ``k - 1`` of ``P`` is set and a lower
+  one too; and ``c (1 - 2^-24) <= s n`` iff ``c (2^24 - 1) <= P >> (k - 24)``.
+  ``s < 2^-32`` prunes 0, ``s = 1`` prunes ``n``.
+  """
+  bits = lax.bitcast_convert_type(s, jnp.uint32)
+  e = (bits >> 23).astype(jnp.int32)
+  m = (bits & jnp.uint32(0x7FFFFF)) | jnp.uint32(0x800000)
+  k = jnp.clip(150 - e, 24, 55).astype(jnp.uint32)
+  ph, pl = _mul64(m, jnp.uint32(n))
+  _, floor = _shr64(ph, pl, k)
+  _, half = _shr64(ph, pl, k - 1)
+  below = k - 1  # the bits under the half: P mod 2^(k-1) != 0
+  low_h = ph & ((jnp.uint32(1) << ((below - 32) & 31)) - 1)
+  rest = jnp.where(below >= 32, (low_h | pl) != 0,
+                   (pl & ((jnp.uint32(1) << (below & 31)) - 1)) != 0)
+  over_half = ((half & 1) == 1) & rest
+  qh, ql = _shr64(ph, pl, k - 24)
+  ch, cl = _mul64(floor + 1, jnp.uint32(_SNAP - 1))
+  near = (ch < qh) | ((ch == qh) & (cl <= ql))
+  c = floor + (over_half & near).astype(jnp.uint32)
+  c = jnp.where(e < 95, jnp.uint32(0), c)  # s < 2^-32: s n < 1/2
+  return jnp.where(s >= 1, jnp.uint32(n), c).astype(jnp.int32)
 
 
 def kept_count(n: int, sparsity):

@@ -213,7 +213,7 @@ def nearest_point(x, points, *, bucket_size: int | None = None,
 
 
 def points_init(x, n_points: int, *, method: str = "uniform",
-                bucket_size: int | None = None) -> jax.Array:
+                bucket_size: int | None = None, path="x") -> jax.Array:
   """Initial points for :func:`nearest_point`, in the scaled [0, 1] domain.
 
   Args:
@@ -223,6 +223,8 @@ def points_init(x, n_points: int, *, method: str = "uniform",
       ``"quantiles"``: the same levels as quantiles of the bucket-scaled
       values of ``x`` (padding excluded), so 0 and 1 are the extremes.
     bucket_size: as in :func:`nearest_point`.
+    path: the name used in error messages (the tree form passes the leaf's
+      path).
 
   Returns:
     float32 ``(n_points,)``, sorted.
@@ -234,14 +236,14 @@ def points_init(x, n_points: int, *, method: str = "uniform",
   References:
     Polino et al., ICLR 2018. https://arxiv.org/abs/1802.05668
   """
-  _checks.check_floating("x", x)
-  _checks.check_finite("x", x)
-  _check_bucket_size("x", bucket_size)
+  _checks.check_floating(path, x)
+  _checks.check_finite(path, x)
+  _check_bucket_size(path, bucket_size)
   if (isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer))
       or not 1 <= n_points <= 2 ** 16):
-    _checks.fail("x", f"n_points must be an int in [1, 65536], got {n_points!r}")
+    _checks.fail(path, f"n_points must be an int in [1, 65536], got {n_points!r}")
   if method not in ("uniform", "quantiles"):
-    _checks.fail("x", f"method must be 'uniform' or 'quantiles', got {method!r}")
+    _checks.fail(path, f"method must be 'uniform' or 'quantiles', got {method!r}")
   levels = (jnp.linspace(0.0, 1.0, n_points, dtype=jnp.float32) if n_points > 1
             else jnp.full((1,), 0.5, jnp.float32))
   if method == "uniform":

@@ -77,10 +77,27 @@ def _check_bits(path, bits, symmetric) -> None:
     _checks.fail(path, f"bits must be a scalar, got shape {jnp.shape(bits)}")
 
 
-def _validate(path, x, bits, symmetric, axis, bucket_size, stochastic, key):
+def as_array(path, x, fn: str):
+  """``x`` as an array; a pytree (dict, node, ...) is a ``TypeError``."""
+  node = isinstance(x, _node.CompressedLeaf)
+  if hasattr(x, "dtype") and hasattr(x, "shape") and not node:
+    return x
+  if not node and not isinstance(x, dict) and not hasattr(x, "items"):
+    try:
+      return jnp.asarray(x)
+    except (TypeError, ValueError):
+      pass
+  _checks.fail(path, f"cx.quantize.{fn} takes one array, got a "
+                     f"{type(x).__name__}; for a params tree use "
+                     f"cx.quantize.apply(params, functools.partial("
+                     f"cx.quantize.{fn}, bits=...)) or cx.map_selected",
+               TypeError)
+
+
+def _validate(path, x, bits, symmetric, axis, bucket_size, stochastic, key,
+              fn="uniform"):
   """Checks shared by every entry point; returns the normalised axes."""
-  if not hasattr(x, "dtype"):
-    x = jnp.asarray(x)
+  x = as_array(path, x, fn)
   _checks.check_floating(path, x)
   _check_bits(path, bits, symmetric)
   axes = _norm_axis(path, axis, x.ndim)
@@ -100,8 +117,10 @@ def _validate(path, x, bits, symmetric, axis, bucket_size, stochastic, key):
 
 
 def _bits_int(bits, symmetric) -> jax.Array:
-  # Traced bits cannot be checked: they are rounded and clipped into range.
+  # Traced bits cannot be checked: they are rounded and clipped into range,
+  # and NaN means the most bits (the least compression), never NaN output.
   b = jnp.round(jnp.asarray(bits, jnp.float32))
+  b = jnp.where(jnp.isnan(b), 16.0, b)
   return jnp.clip(b, 2 if symmetric else 1, 16).astype(jnp.int32)
 
 
@@ -186,9 +205,12 @@ def _scales(g, b, symmetric, layout):
   levels = (jnp.left_shift(1, b) - 1).astype(g.dtype)
   lo = jnp.min(g, axis=axes, keepdims=True)
   hi = jnp.max(g, axis=axes, keepdims=True)
-  alpha = hi - lo
-  alpha = jnp.where(alpha < _TINY, jnp.ones_like(alpha), alpha)
-  return alpha * (1 / levels), levels / alpha, lo, zero, levels
+  # Half the range, so that max - min cannot overflow (a span of +-2e38).
+  # Halving is exact, hence alpha * r == half * (2 r) and levels / alpha ==
+  # (levels / 2) / half bit for bit: finite ranges give the same grid.
+  half = hi * 0.5 - lo * 0.5
+  half = jnp.where(half < _TINY / 2, jnp.full_like(half, 0.5), half)
+  return half * (2 / levels), (levels * 0.5) / half, lo, zero, levels
 
 
 def _dequant(codes, scale, offset, zero):
@@ -202,7 +224,8 @@ def _encode(x, bits, symmetric, layout, stochastic, key):
   scale, inv, offset, zero, top = _scales(g, _bits_int(bits, symmetric),
                                           symmetric, layout)
   # Round before adding the zero point so that ties break symmetrically.
-  y = (g - offset) * inv
+  # Halved like the range, so that x - min cannot overflow either.
+  y = (g * 0.5 - offset * 0.5) * (inv * 2)
   if stochastic:
     lo = jnp.floor(y)
     u = jax.random.uniform(key, y.shape, cdt)
@@ -250,7 +273,8 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
     x: a floating-point array (float32, bfloat16, float16, ...).
     bits: bits per value, an integer in ``[1, 16]`` (``[2, 16]`` when
       ``symmetric``). May be a traced scalar (so ``jax.vmap`` over bits
-      works); a traced value is rounded and clipped into that range.
+      works); a traced value is rounded and clipped into that range, and a
+      traced NaN means 16 bits.
     symmetric: ``False``: affine min/max grid of ``2^bits`` levels (Polino et
       al.). ``True``: abs-max grid of ``2^bits - 1`` levels symmetric about an
       exact zero.
@@ -271,8 +295,9 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
     The dequantized array, same shape and dtype as ``x``.
 
   Raises:
-    TypeError: ``x`` is not floating point, or ``axis``/``bucket_size`` has the
-      wrong type.
+    TypeError: ``x`` is not floating point or not an array (a params tree
+      goes through :func:`~compressax.quantize.apply`), or
+      ``axis``/``bucket_size`` has the wrong type.
     ValueError: concrete ``bits`` out of range or not an integer, bad
       ``axis`` or ``bucket_size``, NaN/Inf in a concrete ``x``, or
       ``stochastic`` without ``key``.
@@ -329,7 +354,7 @@ def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
     Polino et al. ICLR 2018. https://arxiv.org/abs/1802.05668
   """
   x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
-                      key)
+                      key, "uniform_ste")
   if x.size == 0:
     return x
   config = (bool(symmetric), _Layout(tuple(x.shape), axes, bucket_size),
@@ -437,7 +462,7 @@ def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
                        "decides the codes' dtype; use `uniform` for traced bits",
                  TypeError)
   x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
-                      key)
+                      key, "quantize")
   if x.size == 0:
     _checks.fail(path, "cannot quantize an empty array")
   bits = int(bits)
