@@ -21,14 +21,19 @@
    ``eval_one`` compiled once, called in a Python loop) and the two timings
    are printed as a ratio (measured once per run, reported, not asserted).
 3. Store every setting as a real file, ``DIR/settings/b{bits}-s{sparsity}.cx``
-   (``cx.io.save``): each kernel a ``cx.prune.MaskedArray`` whose value is a
-   ``cx.quantize.QuantizedArray`` (``cx.quantize.quantize`` of the pruned
-   kernel with the same options; a plain ``QuantizedArray`` at sparsity 0),
-   biases dense float32. ``file_bytes`` is ``os.path.getsize``. The mask is
-   computed with the sparsity traced, as in the vmapped call, and
-   ``QuantizedArray.materialize`` equals ``uniform`` bit for bit, so the file
-   holds exactly the weights that were evaluated; ``--verify`` settings are
-   re-evaluated from their files to check this (``results.json``:
+   (``cx.io.save``), its nodes made by the method layer: the kernels pruned
+   by the vmapped call's own mask, then ``plan.finalize`` of ``cx.Plan(
+   cx.methods.Magnitude(s) >> cx.methods.Uniform(bits, symmetric=True,
+   axis=-1))`` (the chain's one-shot form: no training, the mask is the
+   pre-pruned kernel's nonzeros), which stores each kernel as a
+   ``cx.prune.MaskedArray`` over a ``cx.quantize.QuantizedArray`` (only the
+   kept codes and their positions); at sparsity 0 the plan is the
+   ``Uniform`` alone (a plain ``QuantizedArray``). Biases stay dense float32.
+   ``file_bytes`` is ``os.path.getsize``. ``QuantizedArray.materialize``
+   equals ``uniform`` bit for bit, so each file holds exactly the weights
+   that were evaluated: every file is decoded and compared with the vmapped
+   weights of its setting (an error if one differs), and ``--verify``
+   settings are also re-evaluated from their files (``results.json``:
    ``verified``).
 4. Plot test error vs file bytes (log x, colour = bits, Pareto front drawn)
    to ``DIR/pareto.png``.
@@ -189,27 +194,56 @@ def make_eval_one(model, n_test: int):
 # -- the stored files ---------------------------------------------------------
 
 _MASK_JIT = jax.jit(lambda params, s: cx.prune.magnitude_mask(params, s))
+_WEIGHTS_JIT = jax.jit(jax.vmap(prune_quantize, in_axes=(None, 0, 0)))
 
 
-def compressed_tree(params, bits: int, sparsity: float):
+def setting_plan(bits: int, sparsity: float) -> cx.Plan:
+  """The method-layer plan of one setting, for the kernels (the default rule).
+
+  ``Magnitude(s) >> Uniform(bits, symmetric=True, axis=-1)``: stored as a
+  ``MaskedArray`` over a ``QuantizedArray``; ``Uniform`` alone at sparsity 0.
+  """
+  quant = cx.methods.Uniform(int(bits), symmetric=True, axis=QUANT_AXIS)
+  if sparsity == 0:
+    return cx.Plan(quant)
+  return cx.Plan(cx.methods.Magnitude(float(sparsity)) >> quant)
+
+
+def compressed_tree(params, bits: int, sparsity: float, mask=None):
   """The stored tree of one setting: MaskedArray(QuantizedArray) kernels.
 
-  The mask is computed with the sparsity traced (a jitted argument) so that
-  it is the mask of the vmapped evaluation, and the kernels are quantized
-  after masking, as there.
+  The kernels are pruned by ``mask`` (the vmapped call's mask of the setting;
+  by default recomputed with the sparsity traced, a jitted argument, so that
+  it is that mask), then ``setting_plan(bits, sparsity).finalize`` stores
+  them: ``Magnitude``'s stored mask is the pre-pruned kernel's nonzeros and
+  ``Uniform`` quantizes after masking, as in the vmapped call. No training
+  step runs, so ``Magnitude``'s optimizer wrapper is not used.
   """
-  mask = _MASK_JIT(params, jnp.float32(sparsity))
+  if mask is None:
+    mask = _MASK_JIT(params, jnp.float32(sparsity))
   pruned = cx.prune.apply_mask(params, mask)
+  plan = setting_plan(bits, sparsity)
+  return plan.finalize(plan.init(pruned))
 
-  def node(x, m):
-    if not _is_kernel_mask(m):
-      return x
-    q = cx.quantize.quantize(x, int(bits), symmetric=True, axis=QUANT_AXIS)
-    if sparsity == 0:
-      return q
-    return cx.prune.MaskedArray(value=q, mask=m, shape=tuple(x.shape),
-                                dtype=np.dtype(x.dtype))
-  return jax.tree_util.tree_map(node, pruned, mask)
+
+def _take(stacked, i: int):
+  """Setting ``i`` of a tree stacked by the vmapped call."""
+  return jax.tree_util.tree_map(lambda x: x[i], stacked)
+
+
+def check_decodes_to(path: str, weights, setting: str) -> None:
+  """Raise unless the file at ``path`` decodes to ``weights`` bit for bit."""
+  loaded = cx.io.load(path)
+  if (jax.tree_util.tree_structure(loaded)
+      != jax.tree_util.tree_structure(weights)):
+    raise AssertionError(f"{path} ({setting}): the file's tree is not the "
+                         "params' tree")
+  for (kp, got), want in zip(jax.tree_util.tree_leaves_with_path(loaded),
+                             jax.tree_util.tree_leaves(weights)):
+    if not np.array_equal(np.asarray(got), np.asarray(want)):
+      raise AssertionError(
+          f"{path} ({setting}): {cx.path_str(kp)} decodes to other weights "
+          "than the vmapped evaluation's")
 
 
 def setting_path(out: str, bits: int, sparsity: float) -> str:
@@ -273,13 +307,19 @@ def main(argv=None) -> dict:
              f"{timing['single_compile_s']:.2f} s)")
 
   dense_bytes = 4 * models_lib.param_count(params)
+  # The weights and masks of every setting, from the vmapped pure kernels the
+  # evaluation ran (prune_quantize, traced bits and sparsity).
+  stacked, masks = _WEIGHTS_JIT(params, jnp.asarray(bits_vec),
+                                jnp.asarray(sps_vec))
   settings = []
   with train_lib.progress(len(bits_vec), "write settings", args.quiet) as bar:
-    for b, s, w in zip(bits_vec.tolist(), sps_vec.tolist(), wrong.tolist()):
+    for i, (b, s, w) in enumerate(zip(bits_vec.tolist(), sps_vec.tolist(),
+                                      wrong.tolist())):
       s = float(np.float32(s))
       path = setting_path(args.out, b, s)
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      cx.io.save(path, compressed_tree(params, b, s))
+      cx.io.save(path, compressed_tree(params, b, s, mask=_take(masks, i)))
+      check_decodes_to(path, _take(stacked, i), f"b{b} s{s:g}")
       size = os.path.getsize(path)
       settings.append({"bits": int(b), "sparsity": round(s, 6),
                        "test_error": int(w) / n_test, "file_bytes": size,
@@ -294,7 +334,8 @@ def main(argv=None) -> dict:
     plot = os.path.join(args.out, "pareto.png")
     plot_pareto(plot, settings, front, chosen, baseline,
                 f"{args.model} on {args.dataset}: {len(settings)} settings, one jit")
-  tree = compressed_tree(params, chosen["bits"], chosen["sparsity"])
+  tree = compressed_tree(params, chosen["bits"], chosen["sparsity"],
+                         mask=_take(masks, settings.index(chosen)))
   results = train_lib.write_results(
       args.out, tree, model=model, ds=ds, args=args,
       baseline_test_error=baseline, start_time=start, module=MODULE,

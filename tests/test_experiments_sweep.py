@@ -5,6 +5,7 @@ import json
 import math
 from fractions import Fraction
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,27 @@ def test_32_settings_in_one_vmapped_call_equal_stored_weights(digits_setup, grid
     assert err == wrong[i] / len(ds.y_test)
 
 
+def test_settings_are_stored_through_the_method_layer(digits_setup, grid32,
+                                                     tmp_path):
+  _, _, params = digits_setup
+  bits, sps, stacked, masks = grid32
+  plan = sweep.setting_plan(3, 0.8)
+  method = plan.methods(params)["params"]["ip1"]["kernel"]
+  assert method == (cx.methods.Magnitude(0.8)
+                    >> cx.methods.Uniform(3, symmetric=True, axis=-1))
+  assert cx.is_skip(plan.methods(params)["params"]["ip1"]["bias"])
+  assert sweep.setting_plan(3, 0.0).methods(params)["params"]["ip1"][
+      "kernel"] == cx.methods.Uniform(3, symmetric=True, axis=-1)
+  # The vmapped call's own mask gives the file of the recomputed mask.
+  i = list(zip(bits.tolist(), sps.tolist())).index((3, np.float32(0.8)))
+  path = str(tmp_path / "a.cx")
+  cx.io.save(path, sweep.compressed_tree(params, 3, float(np.float32(0.8)),
+                                         mask=sweep._take(masks, i)))
+  sweep.check_decodes_to(path, sweep._take(stacked, i), "b3 s0.8")
+  with pytest.raises(AssertionError, match=r"b3 s0.8.*params/ip\d/kernel"):
+    sweep.check_decodes_to(path, sweep._take(stacked, i + 1), "b3 s0.8")
+
+
 def test_pareto_front_and_choice_rule():
   rows = [{"file_bytes": f, "test_error": e, "id": k} for k, (f, e) in enumerate(
       [(100, 0.5), (120, 0.5), (150, 0.2), (150, 0.1), (300, 0.05), (400, 0.06),
@@ -162,10 +184,14 @@ def test_flags_are_checked():
 
 def test_sweep_smoke_results_agree_with_files(tmp_path, capsys):
   out = tmp_path / "sw"
-  res = sweep.main(["--epochs", "1", "--bits", "3", "8", "--sparsities", "0",
-                    "0.8", "--verify", "4", "--seed", "2", "--quiet",
-                    "--eval-batch-size", "360",
-                    "--out", str(out)])
+  # compressax's DeprecationWarnings are errors: only current API is used.
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=r"cx\.\S+ is deprecated",
+                            category=DeprecationWarning)
+    res = sweep.main(["--epochs", "1", "--bits", "3", "8", "--sparsities", "0",
+                      "0.8", "--verify", "4", "--seed", "2", "--quiet",
+                      "--eval-batch-size", "360",
+                      "--out", str(out)])
   printed = capsys.readouterr().out
   assert "Pareto front" in printed and "loop" in printed
   with open(out / "results.json") as f:
