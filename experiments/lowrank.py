@@ -7,12 +7,15 @@ layer (``cx.lowrank.ranks_for_ratio``):
 1. **Baseline**: train the model (default LeNet-300-100) at full precision.
 2. For each budget in ``--budgets`` (the fraction of the factorized kernels'
    parameters kept, ``sum_l r_l (m_l + n_l) <= budget * sum_l m_l n_l``) and
-   each method, choose the ranks, **factorize** the kernels by truncated SVD
-   (``cx.lowrank.factorize_tree``), and **fine-tune** the factors: the tree
-   holds ``LowRankArray`` nodes whose ``u`` and ``v`` are pytree data, the
-   loss materializes ``u @ v``, so the gradients reach the factors and the
-   model is trained in factored form (biases train too).
-3. Each fine-tuned model is written with ``cx.io.save`` to
+   each method, choose the ranks (``{path: rank}``), make them the rules of
+   a ``cx.Plan`` (``{path: cx.methods.LowRank(rank=r)}``): ``plan.init``
+   **factorizes** the kernels by truncated SVD (``cx.lowrank.factorize``)
+   into trained side state ``u, v``, and the factors are **fine-tuned** with
+   ``plan.optimizer`` under ``plan.loss``: the forward pass sees ``u @ v``,
+   so the gradients reach the factors and the model is trained in factored
+   form (biases train too).
+3. ``plan.finalize`` gives ``cx.lowrank.LowRankArray`` kernels; each
+   fine-tuned model is written with ``cx.io.save`` to
    ``DIR/runs/METHOD-BUDGET.cx`` and its test error measured on the weights
    decoded from that file.
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -120,6 +124,42 @@ def choose_ranks(method: str, params, budget: float, args, eval_fn=None):
                               eval_fn=eval_fn, grid=args.grid)
 
 
+def rank_plan(ranks: dict) -> cx.Plan:
+  """``cx.Plan`` with one ``cx.methods.LowRank(rank=r)`` rule per ``{path: r}``.
+
+  A rule's pattern is a regex searched in the path, so each path is anchored
+  (``params/Dense_1/kernel`` must not take ``params/Dense_10/kernel``).
+  """
+  return cx.Plan({f"^{re.escape(path)}$": cx.methods.LowRank(rank=int(r))
+                  for path, r in ranks.items()})
+
+
+def finetune(model, plan: cx.Plan, params, ds, args):
+  """``plan.init`` (SVD factors), then fine-tune the factors and biases.
+
+  Returns ``(plan.finalize(train), test error before fine-tuning)``.
+  """
+  train = plan.init(params)
+  # Dense weights: the evaluation program compiles once for all runs.
+  before = train_lib.evaluate(model, plan.view(train), ds.x_test, ds.y_test,
+                              args.eval_batch_size)
+  steps = train_lib.steps_per_epoch(ds, args.batch_size)
+  tx = plan.optimizer(train_lib.sgd(args.finetune_lr,
+                                    decay_steps=args.finetune_epochs * steps))
+
+  def task(view, x, y, key):
+    logits = model.apply(view, x, train=True, rngs={"dropout": key})
+    return train_lib.cross_entropy(logits, y)
+
+  loss = plan.loss(task)
+  train, _, _ = train_lib.fit(
+      model, train, tx, ds, epochs=args.finetune_epochs,
+      batch_size=args.batch_size, seed=args.seed + 1, quiet=True,
+      eval_every_epoch=False,
+      loss_fn=lambda t, x, y, key: loss(t, key, x, y, key))
+  return plan.finalize(train), before
+
+
 def kept_fraction(ranks: dict, params) -> float:
   """``sum r (m + n) / sum m n`` over the factorized leaves."""
   kept = dense = 0
@@ -171,7 +211,6 @@ def main(argv=None) -> dict:
   _log(args, f"Low-rank (BSR vs uniform rank): {args.model} on {args.dataset}, "
              f"budgets {args.budgets}")
   params, baseline = train_lib.train_baseline(model, params, ds, args)
-  steps = train_lib.steps_per_epoch(ds, args.batch_size)
   _log(args, f"  baseline {args.model} fp32: test error {baseline:.4f}")
 
   eval_fn = (_bsr_eval_fn(model, ds, args) if args.bsr_objective == "loss"
@@ -181,16 +220,7 @@ def main(argv=None) -> dict:
   with train_lib.progress(len(settings), "budgets", args.quiet) as bar:
     for budget, method in settings:
       ranks = choose_ranks(method, params, budget, args, eval_fn)
-      tree = cx.lowrank.factorize_tree(params, rank=ranks)
-      # Dense weights: the evaluation program compiles once for all runs.
-      before = train_lib.evaluate(model, cx.materialize(tree), ds.x_test,
-                                  ds.y_test, args.eval_batch_size)
-      tx = train_lib.sgd(args.finetune_lr,
-                         decay_steps=args.finetune_epochs * steps)
-      tree, _, _ = train_lib.fit(
-          model, tree, tx, ds, epochs=args.finetune_epochs,
-          batch_size=args.batch_size, seed=args.seed + 1, quiet=True,
-          eval_every_epoch=False)
+      tree, before = finetune(model, rank_plan(ranks), params, ds, args)
       run = train_lib.saved_run(
           os.path.join(args.out, "runs", f"{method}-{budget:g}.cx"),
           tree, model, ds, args)

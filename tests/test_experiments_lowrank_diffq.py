@@ -8,10 +8,10 @@ structure the method promises (factor ranks, bit widths, levels).
 
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import compressax as cx
@@ -64,7 +64,11 @@ _LOWRANK_ARGV = ["--epochs", "1", "--budgets", "0.3", "--finetune-epochs", "1",
 def test_lowrank_smoke_results_agree_with_files(tmp_path):
   from experiments import lowrank
   out = tmp_path / "lr"
-  res = lowrank.main(_LOWRANK_ARGV + ["--out", str(out)])
+  # compressax's DeprecationWarnings are errors: only the method layer is used.
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=r"cx\.\S+ is deprecated",
+                            category=DeprecationWarning)
+    res = lowrank.main(_LOWRANK_ARGV + ["--out", str(out)])
   saved = _check_contract(out, "lenet300", res)
   assert [(r["method"], r["budget"]) for r in saved["runs"]] == [
       ("bsr", 0.3), ("uniform", 0.3)]
@@ -92,21 +96,47 @@ def test_lowrank_smoke_results_agree_with_files(tmp_path):
     assert a.read() == b.read()
 
 
-def test_factored_finetuning_trains_the_factors():
-  # fit() on a tree of LowRankArray nodes: the gradient reaches u and v, the
-  # ranks (static) stay, and the loss goes down.
+def test_plan_finetuning_equals_training_the_nodes_factors():
+  # The experiment trains the factors as a plan's side state (LowRank rules);
+  # training LowRankArray nodes' u and v directly is the same math: the same
+  # factors and biases bit for bit. The ranks stay and the factors move.
+  from experiments import lowrank
+  args = lowrank.parse_args(["--finetune-epochs", "2", "--batch-size", "256",
+                             "--quiet"])
   model = models_lib.get_model("lenet300")
   v = models_lib.init(model, _DS.image_shape, train_lib.prng_key(0))
-  tree = cx.lowrank.factorize_tree(v, rank=4)
-  out, _, hist = train_lib.fit(model, tree, optax.sgd(0.1), _DS, epochs=2,
-                               batch_size=256, seed=0, quiet=True,
-                               eval_every_epoch=False)
-  for layer in ("ip1", "ip2", "ip3"):
-    a, b = tree["params"][layer]["kernel"], out["params"][layer]["kernel"]
-    assert isinstance(b, cx.lowrank.LowRankArray) and b.rank == 4
+  ranks = {"params/ip1/kernel": 6, "params/ip2/kernel": 5, "params/ip3/kernel": 4}
+  plan = lowrank.rank_plan(ranks)
+  methods = plan.methods(v)["params"]
+  assert methods["ip2"]["kernel"] == cx.methods.LowRank(rank=5)
+  assert cx.is_skip(methods["ip2"]["bias"])
+  got, before = lowrank.finetune(model, plan, v, _DS, args)
+
+  tree = cx.lowrank.factorize_tree(v, rank=ranks)
+  assert before == train_lib.evaluate(model, cx.materialize(tree), _DS.x_test,
+                                      _DS.y_test)
+  steps = train_lib.steps_per_epoch(_DS, 256)
+  want, _, _ = train_lib.fit(
+      model, tree, train_lib.sgd(args.finetune_lr, decay_steps=2 * steps), _DS,
+      epochs=2, batch_size=256, seed=args.seed + 1, quiet=True,
+      eval_every_epoch=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  for layer, r in (("ip1", 6), ("ip2", 5), ("ip3", 4)):
+    a, b = tree["params"][layer]["kernel"], got["params"][layer]["kernel"]
+    assert isinstance(b, cx.lowrank.LowRankArray) and b.rank == r
     assert b.u.shape == a.u.shape and b.v.shape == a.v.shape
     assert not np.array_equal(a.u, b.u) and not np.array_equal(a.v, b.v)
-  assert hist["loss"][1] < hist["loss"][0]
+
+
+def test_rank_plan_rules_are_exact_paths():
+  from experiments import lowrank
+  key = jax.random.split(jax.random.key(0), 2)
+  tree = {"Dense_1": {"kernel": jax.random.normal(key[0], (8, 6))},
+          "Dense_10": {"kernel": jax.random.normal(key[1], (8, 6))}}
+  plan = lowrank.rank_plan({"Dense_1/kernel": 2, "Dense_10/kernel": 3})
+  assert plan.methods(tree)["Dense_10"]["kernel"].rank == 3
+  final = plan.finalize(plan.init(tree))
+  assert [final[k]["kernel"].rank for k in ("Dense_1", "Dense_10")] == [2, 3]
 
 
 def test_lowrank_flag_errors():
