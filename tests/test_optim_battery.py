@@ -45,71 +45,127 @@ FACTORIES = {
     "weight_sharing": lambda inner: cx.optim.weight_sharing(inner, n_clusters=4),
     "adacomp": lambda inner: optax.chain(cx.optim.adacomp(bin_size_fc=16),
                                          inner),
+    "diffq_optimizer": lambda inner: cx.optim.diffq_optimizer(
+        inner, logit_learning_rate=1e-2),
+    # Point gradients sum over a tensor's weights: a smaller step.
+    "diff_quant_points": lambda inner: cx.optim.diff_quant_points(
+        optax.chain(optax.scale(1e-2), inner)),
+}
+
+_DIFFQ = dict(group_size=8)
+
+
+def _diffq_loss(train):
+  # A fixed noise key: the loss is a deterministic function of the tree.
+  return cx.optim.diffq_loss(_loss, penalty=1e-3, **_DIFFQ)(
+      train, jax.random.key(3))
+
+
+def _points_loss(points):
+  return _loss(cx.optim.points_quantized(_params(), points))
+
+
+# name -> (the tree the transform trains, its loss); default: params, _loss.
+TREES = {
+    "diffq_optimizer": (lambda: cx.optim.diffq_init(_params(), min_size=0,
+                                                    **_DIFFQ), _diffq_loss),
+    "diff_quant_points": (lambda: cx.optim.init_points(_params(), 16,
+                                                       method="quantiles"),
+                          _points_loss),
 }
 
 
-def _run(tx, params, state, n, step=None):
-  step = step or jax.jit(_step_fn(tx))
+def _case(name):
+  """``(transform factory, initial tree, loss)`` for one battery entry."""
+  init, loss = TREES.get(name, (_params, _loss))
+  return FACTORIES[name], init(), loss
+
+
+def _promotion(name):
+  # optax's Adam (the logits' optimizer) is not strict-dtype clean.
+  return jax.numpy_dtype_promotion(
+      "standard" if name == "diffq_optimizer" else "strict")
+
+
+def _run(tx, params, state, n, step=None, loss=_loss):
+  step = step or jax.jit(_step_fn(tx, loss))
   for _ in range(n):
     params, state = step(params, state)
   return params, state
 
 
-def _step_fn(tx):
+def _step_fn(tx, loss=_loss):
   def step(params, state):
-    u, state = tx.update(jax.grad(_loss)(params), state, params)
+    u, state = tx.update(jax.grad(loss)(params), state, params)
     return optax.apply_updates(params, u), state
   return step
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_chain_multisteps_inject_hyperparams(name):
+  factory, params0, loss = _case(name)
   inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
   tx = optax.MultiSteps(
-      optax.chain(optax.clip_by_global_norm(10.0), FACTORIES[name](inner)),
+      optax.chain(optax.clip_by_global_norm(10.0), factory(inner)),
       every_k_schedule=2)
-  params = _params()
   # optax's MultiSteps mixes int and float internally: not strict-clean.
   with jax.numpy_dtype_promotion("standard"):
-    params, state = _run(tx, params, tx.init(params), 6)
+    params, state = _run(tx, params0, tx.init(params0), 6, loss=loss)
   assert int(state.gradient_step) == 3
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
-  assert _loss(params) < _loss(_params())
+  assert loss(params) < loss(params0)
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_sharded_params_match_unsharded(name):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-  params = _params()
-  spec = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
-          "Dense_1": {"kernel": P("model", None), "bias": P()}}
+  factory, params, loss = _case(name)
+  if name in TREES:  # shard what divides: rows over "data", vectors "model"
+    spec = jax.tree.map(
+        lambda x: P("data", "model") if x.ndim == 2 else
+        P("model") if x.ndim == 1 and x.size and x.size % 2 == 0 else P(),
+        params)
+  else:
+    spec = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
+            "Dense_1": {"kernel": P("model", None), "bias": P()}}
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec)
   sharded = jax.device_put(params, shardings)
-  tx = FACTORIES[name](_sgd())
-  got, _ = _run(tx, sharded, tx.init(sharded), 1)
-  want, _ = _run(tx, params, tx.init(params), 1)
-  assert got["Dense_0"]["kernel"].sharding.is_equivalent_to(
-      shardings["Dense_0"]["kernel"], 2)
+  tx = factory(_sgd())
+  with _promotion(name):
+    got, _ = _run(tx, sharded, tx.init(sharded), 1, loss=loss)
+    want, _ = _run(tx, params, tx.init(params), 1, loss=loss)
+  jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or
+               pytest.fail(f"{name}: sharding lost"), got, shardings)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6), got, want)
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+# DiffQ keeps a (0,)-shaped logit per unquantized leaf, and orbax refuses to
+# save zero-size arrays: a known defect, kept visible (strict: a fix fails it).
+_ORBAX_EMPTY = pytest.mark.xfail(
+    strict=True, raises=ValueError,
+    reason="orbax cannot save DiffQ's zero-size logits of unquantized leaves")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=_ORBAX_EMPTY) if n == "diffq_optimizer" else n
+    for n in sorted(FACTORIES)])
 def test_one_trace_and_checkpoint_resume_is_bit_identical(name, tmp_path):
   """10 steps straight == 5 steps, save, restore, 5 more; one trace in all."""
-  tx = FACTORIES[name](_sgd())
+  factory, params, loss = _case(name)
+  tx = factory(_sgd())
   traces = []
 
   def counted(params, state):
     traces.append(1)
-    return _step_fn(tx)(params, state)
+    return _step_fn(tx, loss)(params, state)
 
   step = jax.jit(counted)
-  params = _params()
-  straight, _ = _run(tx, params, tx.init(params), 10, step)
-  assert _loss(straight) < _loss(params)
+  with _promotion(name):
+    straight, _ = _run(tx, params, tx.init(params), 10, step)
+    half, state = _run(tx, params, tx.init(params), 5, step)
+  assert loss(straight) < loss(params)
 
-  half, state = _run(tx, params, tx.init(params), 5, step)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / "ckpt", {"params": half, "opt_state": state})
   ckpt.wait_until_finished()
@@ -117,6 +173,7 @@ def test_one_trace_and_checkpoint_resume_is_bit_identical(name, tmp_path):
                         {"params": half, "opt_state": state})
   restored = ckpt.restore(tmp_path / "ckpt", target)
   ckpt.close()
-  resumed, _ = _run(tx, restored["params"], restored["opt_state"], 5, step)
+  with _promotion(name):
+    resumed, _ = _run(tx, restored["params"], restored["opt_state"], 5, step)
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
   assert len(traces) == 1

@@ -71,6 +71,8 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
     TypeError: non-floating ``w``/``h``, non-int ``bits`` or a traced ``damp``.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))  # (d_in, d_out)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 32, 128))  # calibration
     >>> node = cx.oneshot.gptq(w, cx.oneshot.hessian(x), bits=4, group_size=128)
     >>> w_hat = node.materialize()
 

@@ -236,6 +236,7 @@ def rtn(w, *, bits: int, group_size: int | None = None, symmetric: bool = False,
     ValueError: bad bits or group size, a non-2-D kernel, NaN/Inf weights.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))  # (d_in, d_out)
     >>> node = cx.oneshot.rtn(w, bits=4, group_size=64)
 
   References:

@@ -48,7 +48,10 @@ def hessian(x, *, axis_name: Any = None, path: Any = "x") -> jax.Array:
     ``(d_in, d_in)`` symmetric positive semi-definite.
 
   Example:
+    >>> x = jax.random.normal(jax.random.key(1), (4, 32, 128))  # calibration
     >>> h = cx.oneshot.hessian(x)               # x: (batch, seq, d_in)
+    >>> h.shape
+    (128, 128)
 
   References:
     Frantar et al. 2023, Sec. 3. https://arxiv.org/abs/2210.17323
@@ -80,6 +83,8 @@ def hessian_update(h, n, x, *, axis_name: Any = None, path: Any = "x"):
     ``(h, n)``: the updated average and the row count (float32 scalar).
 
   Example:
+    >>> d_in = 16
+    >>> batches = jax.random.normal(jax.random.key(0), (3, 8, d_in))
     >>> h, n = jnp.zeros((d_in, d_in)), 0
     >>> for x in batches:
     ...   h, n = cx.oneshot.hessian_update(h, n, x)

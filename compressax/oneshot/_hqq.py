@@ -60,6 +60,7 @@ def hqq(w, *, bits: int, group_size: int | None = 64, iters: int = 20,
       outside ``(0, 1]``, NaN/Inf weights, naming ``path``.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))  # (d_in, d_out)
     >>> node = cx.oneshot.hqq(w, bits=4, group_size=64)
 
   References:

@@ -97,6 +97,9 @@ def sparsegpt(w, h, *, sparsity=None, n_m: tuple[int, int] | None = None,
       :func:`gptq` rejects, each naming ``path``.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))  # (d_in, d_out)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 32, 128))  # calibration
+    >>> h = cx.oneshot.hessian(x)
     >>> pruned = cx.oneshot.sparsegpt(w, h, n_m=(2, 4))
     >>> joint = cx.oneshot.sparsegpt(w, h, sparsity=0.5, bits=4)
 

@@ -50,7 +50,12 @@ def wanda_mask(w, act_norm, *, sparsity=None, n_m: tuple[int, int] | None = None
       (concrete), and the pattern errors of :func:`sparsegpt`, naming ``path``.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64))  # (d_in, d_out)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 32, 128))  # calibration
+    >>> norm = jnp.linalg.norm(x.reshape(-1, 128), axis=0)  # per input feature
     >>> keep = cx.oneshot.wanda_mask(w, norm, sparsity=0.5)
+    >>> int(keep.sum())
+    4096
 
   References:
     Sun, Liu, Bair, Kolter. *A Simple and Effective Pruning Approach for Large

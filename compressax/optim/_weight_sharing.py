@@ -161,10 +161,13 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
     TypeError: if ``inner`` is neither an Optax transform nor a number.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 512).reshape(32, 16),
+    ...                     "bias": jnp.zeros(16)}}
     >>> tx = cx.optim.weight_sharing(1e-3, bits=5)
     >>> keep = cx.prune.magnitude_mask(params, 0.9)
     >>> tx = cx.optim.prune_fixed(cx.optim.weight_sharing(
     ...     1e-3, bits=5, mask=keep), keep)
+    >>> state = tx.init(params)
 
   References:
     Han, Mao, Dally, ICLR 2016, section 3. https://arxiv.org/abs/1510.00149

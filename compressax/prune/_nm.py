@@ -69,7 +69,10 @@ def nm_mask(x, n: int, m: int, axis: int = -1):
     TypeError: non-integer ``n``/``m`` or a non-floating ``x``.
 
   Example:
+    >>> w = jax.random.normal(jax.random.key(0), (8, 4))
     >>> mask = cx.prune.nm_mask(w, 2, 4, axis=0)  # 2:4 along input features
+    >>> mask.reshape(2, 4, 4).sum(axis=1).tolist() == [[2] * 4] * 2
+    True
 
   References:
     Mishra et al., *Accelerating Sparse Deep Neural Networks*, 2021,

@@ -44,7 +44,10 @@ def apply(params, quantizer: Callable[..., Any], *, where=None, key=None):
 
   Example:
     >>> import functools
+    >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
     >>> q = apply(params, functools.partial(cx.quantize.quantize, bits=4))
+    >>> type(q["dense"]["kernel"]).__name__, q["dense"]["bias"] is params["dense"]["bias"]
+    ('QuantizedArray', True)
   """
   n = len(_select.selected_leaves(params, where))
   keys = iter(jax.random.split(key, n)) if key is not None and n else None
