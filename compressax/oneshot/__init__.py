@@ -15,6 +15,10 @@ inputs. Flax layout throughout: a kernel ``w`` of shape ``(d_in, d_out)``,
 * :func:`hqq`: calibration-free half-quadratic quantization (Badri & Shaji
   2023), on a float-zero grid.
 
+* :func:`calibrate_sequential`: a whole model, block by block, each kernel
+  with the method (:class:`GPTQ`, :class:`RTN`, :class:`SparseGPT`,
+  :class:`Wanda`, :class:`Magnitude`) a rule gives it.
+
 The magnitude baseline is ``cx.prune.magnitude_mask`` / ``cx.prune.nm_mask``.
 """
 
@@ -24,11 +28,25 @@ from compressax.oneshot._grid import rtn
 from compressax.oneshot._hessian import hessian
 from compressax.oneshot._hessian import hessian_update
 from compressax.oneshot._hqq import hqq
+from compressax.oneshot._pipeline import GPTQ
+from compressax.oneshot._pipeline import Magnitude
+from compressax.oneshot._pipeline import RTN
+from compressax.oneshot._pipeline import SparseGPT
+from compressax.oneshot._pipeline import Wanda
+from compressax.oneshot._pipeline import block_hessians
+from compressax.oneshot._pipeline import calibrate_sequential
 from compressax.oneshot._sparsegpt import sparsegpt
 from compressax.oneshot._wanda import wanda_mask
 
 __all__ = [
+    "GPTQ",
     "GroupQuantizedArray",
+    "Magnitude",
+    "RTN",
+    "SparseGPT",
+    "Wanda",
+    "block_hessians",
+    "calibrate_sequential",
     "gptq",
     "hessian",
     "hessian_update",
