@@ -348,9 +348,6 @@ def test_a_flax_module_is_a_clear_type_error_everywhere(model):
       pytest.fail(f"{name} accepted a Flax module")
 
 
-@pytest.mark.xfail(strict=True, reason="needs `_checks.check_tree(tree, "
-                   "'cx.save')` at the top of io/_format.save (the lead's "
-                   "file); remove this marker with that line")
 @pytest.mark.parametrize("model", [_nnx_model, lambda: nn.Dense(4)],
                          ids=["nnx", "linen"])
 def test_save_rejects_a_flax_module(model, tmp_path):

@@ -88,6 +88,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from compressax import _checks
 from compressax._node import CompressedLeaf
 from compressax._node import leaf_name
 from compressax._node import leaf_storage
@@ -325,6 +326,7 @@ def save(path, tree) -> int:
     Han, Mao, Dally. Deep Compression. ICLR 2016.
     https://arxiv.org/abs/1510.00149
   """
+  _checks.check_tree(tree, "cx.save")
   pieces = _encode(tree)
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
