@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from compressax import _sharding
+
 __all__ = ["count", "count_pair"]
 
 
@@ -22,7 +24,8 @@ def count(flags) -> jax.Array:
   """
   n = flags.size
   head = n - n % 32
-  if n <= 4096:
+  if n <= 4096 or _sharding.explicit(flags) is not None:
+    # Split over explicit mesh axes, each device sums its own shard.
     return jnp.sum(flags, dtype=jnp.int32)
   rows = jnp.sum(flags[:head].reshape(head // 32, 32), axis=1, dtype=jnp.int32)
   # The barrier stops XLA from merging the two reductions back into one.

@@ -11,6 +11,7 @@ import numpy as np
 
 from compressax import _checks
 from compressax import _select
+from compressax import _sharding
 from compressax.lowrank._svd import _check_leaf
 from compressax.lowrank._svd import matrix_shape
 
@@ -41,7 +42,8 @@ def singular_values(x: jax.Array, *, path=None) -> jax.Array:
   path = "x" if path is None else path
   _check_leaf(path, x)
   m, n = matrix_shape(x.shape)
-  w = jnp.asarray(x).reshape(m, n).astype(jnp.float32)
+  # The SVD needs the whole matrix (a sharded leaf is gathered).
+  w = _sharding.replicated(jnp.asarray(x)).reshape(m, n).astype(jnp.float32)
   return jnp.linalg.svd(w, compute_uv=False)
 
 

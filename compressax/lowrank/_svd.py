@@ -20,6 +20,7 @@ import numpy as np
 from compressax import _checks
 from compressax import _rules
 from compressax import _select
+from compressax import _sharding
 from compressax._node import CompressedLeaf
 from compressax._node import compressed_leaf
 from compressax._node import is_compressed
@@ -54,7 +55,20 @@ class LowRankArray(CompressedLeaf):
   def materialize(self) -> jax.Array:
     # The factors may themselves be compressed (e.g. 8-bit codes).
     u, v = (f.materialize() if is_compressed(f) else f for f in (self.u, self.v))
-    return (u @ v).reshape(self.shape).astype(self.dtype)
+    # The product of the (small) gathered factors: a product of shards would
+    # round differently on CPU. It is then laid out as u's rows (a matrix)
+    # and v's columns say, the layout factorize gave a sharded leaf.
+    dense = (_sharding.replicated(u) @ _sharding.replicated(v)).reshape(
+        self.shape).astype(self.dtype)
+    su, sv = _sharding.named(u), _sharding.named(v)
+    if su is None and sv is None:
+      return dense
+    rows = _sharding.spec_tuple(su, 2)[0] if su is not None else None
+    cols = _sharding.spec_tuple(sv, 2)[1] if sv is not None else None
+    nd = len(self.shape)
+    spec = ((rows,) if nd == 2 else (None,) * (nd - 1)) + (cols,)
+    return _sharding.like_spec(dense, u if su is not None else v,
+                               lambda _: spec)
 
   def storage_bits(self) -> int:
     """``32 * r * (m + n)``: both float32 factors at the effective rank ``r``.
@@ -199,7 +213,9 @@ def factorize(x: jax.Array, rank, *, path=None,
   concrete = _checks.is_concrete(rank)
   if concrete and max_rank is None:
     width = int(rank)
-  w = jnp.asarray(x).reshape(m, n).astype(jnp.float32)
+  # The SVD needs the whole matrix: a sharded leaf is factorized on a
+  # gathered copy (the same factors as unsharded).
+  w = _sharding.replicated(jnp.asarray(x)).reshape(m, n).astype(jnp.float32)
   u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   r = jnp.asarray(rank)
   if jnp.issubdtype(r.dtype, jnp.inexact):  # a traced NaN rank keeps them all
@@ -207,6 +223,12 @@ def factorize(x: jax.Array, rank, *, path=None,
     r = jnp.ceil(jnp.where(jnp.isnan(r), width, r)).astype(jnp.int32)
   r = jnp.clip(r, 1, width)
   uf, vf = _split_factors(u, s, vt, r, width)
+  # u's rows follow a matrix leaf's row sharding (a conv kernel's collapsed
+  # rows stay replicated), v's columns the output channels'; the rank axis
+  # is replicated. So u @ v comes out laid out like x.
+  uf = _sharding.like_spec(uf, x, lambda spec: (
+      spec[0] if len(spec) == 2 else None, None))
+  vf = _sharding.like_spec(vf, x, lambda spec: (None, spec[-1]))
   return LowRankArray(uf, vf, tuple(int(d) for d in x.shape), np.dtype(x.dtype),
                       int(rank) if concrete else None)
 

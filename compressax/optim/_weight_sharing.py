@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax import _rules
 from compressax import _select
 from compressax import quantize as _quantize
@@ -228,14 +229,15 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       # Cluster exactly the kept values (a one-time gather with a concrete
       # index), then scatter their codes back; pruned positions get code 0.
       idx = np.flatnonzero(m)
-      kept = jnp.asarray(x).reshape(-1)[idx]
+      kept = _sharding.replicated(jnp.asarray(x)).reshape(-1)[idx]
       _checks.check_finite(kp, kept)
       k = _clusters_for(n_clusters, bits, kp, x, n_kept=idx.size)
       c, codes = _quantize.kmeans(kept, k, init=init_name, iters=iters)
       full = jnp.zeros((x.size,), _code_dtype(k)).at[idx].set(
           jnp.asarray(codes, _code_dtype(k)).reshape(-1))
-      return (full.reshape(x.shape), jnp.asarray(c, x.dtype).reshape(k),
-              jnp.asarray(m))
+      return (_sharding.like(full.reshape(x.shape), x),
+              jnp.asarray(c, x.dtype).reshape(k),
+              _sharding.like(jnp.asarray(m), x))
 
     triples = [cluster(kp, x, s, m)
                for (kp, x), s, m in zip(leaves, flags, masks)]
@@ -283,8 +285,13 @@ def _update(inner, where, extra_static, updates, state, params, lr,
       return g
     if m.ndim:
       g = jnp.where(m, g, jnp.zeros_like(g))
-    return jax.ops.segment_sum(g.reshape(-1), codes.reshape(-1),
-                               num_segments=c.shape[0]).astype(c.dtype)
+    # Summed on gathered copies, in the unsharded order: the centroids stay
+    # bit-identical on any mesh (a sharded scatter-add would add the
+    # per-device partial sums in another order).
+    return jax.ops.segment_sum(
+        _sharding.replicated(g).reshape(-1),
+        _sharding.replicated(codes).reshape(-1),
+        num_segments=c.shape[0]).astype(c.dtype)
 
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=leaf)
   grads = treedef.flatten_up_to(updates)
@@ -303,7 +310,7 @@ def _update(inner, where, extra_static, updates, state, params, lr,
     new_c = c + d
     # One row gather; `old_c + step_c` is the very float op that made
     # `new_c`, so it equals `new_c[codes]` without a third column.
-    rows = jnp.take(jnp.stack([c, d], axis=1), codes, axis=0, mode="clip")
+    rows = _sharding.take(jnp.stack([c, d], axis=1), codes, mode="clip")
     old_c, step_c = rows[..., 0], rows[..., 1]
     out = jnp.where(p == old_c, step_c, (old_c + step_c) - p)
     if m.ndim:
@@ -343,11 +350,12 @@ def shared_params(params, state: WeightSharingState, where: _select.Where = None
   where = _base.selection(params, where, "shared_params", "shared")
   if state.mask is None:
     return _select.map_selected(
-        lambda kp, p, codes, c: c[codes].astype(p.dtype), params, state.codes,
+        lambda kp, p, codes, c: _sharding.take(c, codes).astype(p.dtype),
+        params, state.codes,
         state.centroids, where=where)
 
   def get(kp, p, codes, c, m):
-    v = c[codes].astype(p.dtype)
+    v = _sharding.take(c, codes).astype(p.dtype)
     return jnp.where(m, v, jnp.zeros_like(v)) if m.ndim else v
 
   return _select.map_selected(get, params, state.codes, state.centroids,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax.prune import _leaves
 from compressax.prune import _rank
 
@@ -88,7 +89,7 @@ def magnitude_mask(params, sparsity, *, scope: str = "layer", where=None,
     n_total = sum(int(x.size) for _, x in selected)
     flat = _rank.topk_masks([x for _, x in selected], _rank.kept_count(n_total, sparsity),
                             key_fn=key_fn, method=method)
-  masks = [m.reshape(x.shape) for m, (_, x) in zip(flat, selected)]
+  masks = [_sharding.unravel(m, x) for m, (_, x) in zip(flat, selected)]
   return _leaves.assemble(treedef, flags, masks)
 
 
@@ -128,7 +129,9 @@ def random_mask(params, sparsity, key, *, where=None):
     _checks.check_floating(p, x)
     n = int(x.size) if hasattr(x, "size") else 1
     keys = _rank.random_keys(jax.random.fold_in(key, i), n)
-    masks.append(_rank.topk_masks([keys], _rank.kept_count(n, sps[j]))[0]
-                 .reshape(x.shape))
+    # The keys are drawn unsharded (the same bits on any mesh); the mask
+    # then takes the leaf's sharding.
+    masks.append(_sharding.unravel(
+        _rank.topk_masks([keys], _rank.kept_count(n, sps[j]))[0], x))
     j += 1
   return _leaves.assemble(treedef, flags, masks)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _sharding
 from compressax._node import CompressedLeaf
 from compressax._node import compressed_leaf
 from compressax._node import is_compressed
@@ -143,7 +144,8 @@ def apply_mask(params, mask):
       out.append(MaskedArray(x, jnp.broadcast_to(m, x.shape), tuple(x.shape),
                              np.dtype(x.dtype)))
     else:
-      out.append(jnp.where(m, x, jnp.zeros((), x.dtype)))
+      # A mask in another layout (e.g. built unsharded) must not move x.
+      out.append(_sharding.like(jnp.where(m, x, jnp.zeros((), x.dtype)), x))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -172,6 +174,8 @@ def mask_to_nodes(params, mask):
       out.append(x if _is_keep_all(m) else apply_mask(x, m))
       continue
     full = jnp.broadcast_to(m, x.shape)
+    if not is_compressed(x):
+      full = _sharding.like(full, x)  # the node's mask: the leaf's sharding
     value = x if is_compressed(x) else jnp.where(full, x, jnp.zeros((), x.dtype))
     out.append(MaskedArray(value, full, tuple(x.shape), np.dtype(x.dtype)))
   return jax.tree_util.tree_unflatten(treedef, out)

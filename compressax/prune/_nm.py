@@ -7,10 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax.prune import _leaves
-from compressax.prune import _rank
 
 __all__ = ["nm_mask", "nm_mask_tree"]
 
@@ -32,14 +33,18 @@ def _nm(path, x, n: int, m: int, axis: int):
   x = _leaves.dense_value(path, x)
   ax = _checks.check_axis(path, axis, x.ndim)
   _check_nm(path, n, m, x.shape[ax])
-  return _nm_core(x, int(n), int(m), ax)
+  # Groups are cut locally when each shard holds whole groups of m.
+  return _sharding.like(_nm_core(_sharding.whole_groups(x, ax, int(m)), int(n),
+                                 int(m), ax), x)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _nm_core(x, n: int, m: int, ax: int):
   moved = jnp.moveaxis(x, ax, -1)
   groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
-  keys = _rank.magnitude_keys(groups).reshape(groups.shape)
+  # magnitude_keys' bit pattern, kept in the groups' shape: a flat round
+  # trip would mix axes split over explicit mesh axes.
+  keys = lax.bitcast_convert_type(jnp.abs(groups).astype(jnp.float32), jnp.int32)
   # Stable sort of -key: largest magnitude first, equal ones by position.
   order = jnp.argsort(-keys, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1, stable=True)

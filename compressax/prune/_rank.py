@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from compressax import _checks
+from compressax import _sharding
 from compressax._count import count
 
 _INT_MAX = int(np.iinfo(np.int32).max)
@@ -51,7 +52,7 @@ def magnitude_keys(x) -> jax.Array:
   Leaves are compared in float32 (bfloat16/float16 upcast exactly; a float64
   leaf is rounded, which can only create ties, never change the count).
   """
-  a = jnp.abs(jnp.ravel(x)).astype(jnp.float32)
+  a = jnp.abs(_sharding.ravel(x)).astype(jnp.float32)
   return lax.bitcast_convert_type(a, jnp.int32)
 
 
@@ -181,7 +182,7 @@ def _compare(v, t, key_fn, op: str) -> jax.Array:
   finite weights; NaN weights (rejected when concrete) compare false here.
   """
   if key_fn is magnitude_keys:
-    a = jnp.ravel(v).astype(jnp.float32)
+    a = _sharding.ravel(v).astype(jnp.float32)
     f = lax.bitcast_convert_type(t, jnp.float32)
     if op == ">=":
       return (a >= f) | (a <= -f)
@@ -209,6 +210,9 @@ def _bisect_threshold(values, key_fn, k) -> jax.Array:
 
 
 def _sort_threshold(keys_list, k, n_total: int) -> jax.Array:
+  # A sort needs its axis whole: keys split over explicit mesh axes are
+  # gathered (the bisection below works on the shards).
+  keys_list = [_sharding.replicated(kk) for kk in keys_list]
   allk = keys_list[0] if len(keys_list) == 1 else jnp.concatenate(keys_list)
   srt = jnp.sort(allk)
   kth = srt[jnp.clip(n_total - k, 0, n_total - 1)]
@@ -269,7 +273,11 @@ def _topk_jit(values, k, method, key_fn):
 
     def some_ties(v, tk):
       eq = _compare(v, t, key_fn, "==")
-      return _compare(v, t, key_fn, ">") | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= tk))
+      # The running count runs in row-major order over the whole leaf, so a
+      # leaf split over explicit mesh axes counts on a gathered copy of the
+      # (bool) ties.
+      run = jnp.cumsum(_sharding.replicated(eq), dtype=jnp.int32)
+      return _compare(v, t, key_fn, ">") | (eq & (run <= tk))
 
     def all_or_no_ties(v, tk, ne=ne):
       return _compare(v, t, key_fn, ">") | (_compare(v, t, key_fn, "==") & (tk >= ne))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressax import _checks
+from compressax import _sharding
 from compressax._node import CompressedLeaf
 from compressax._node import compressed_leaf
 
@@ -74,8 +75,14 @@ class CodebookArray(CompressedLeaf):
 
   def materialize(self) -> jax.Array:
     """``centroids[codes]`` in the dense dtype (gradient to ``centroids``)."""
-    dense = jnp.take(self.centroids, self.codes.astype(jnp.int32), axis=0)
-    return dense.astype(self.dtype).reshape(self.shape)
+    idx = self.codes.astype(jnp.int32)
+    s = _sharding.explicit(idx)
+    # Codes split over explicit mesh axes: the gather's result is laid out
+    # like them (the codebook is replicated).
+    dense = (jnp.take(self.centroids, idx, axis=0) if s is None
+             else self.centroids.at[idx].get(out_sharding=s, mode="fill"))
+    return _sharding.like(dense.astype(self.dtype).reshape(self.shape),
+                          self.codes)
 
   def storage_bits(self) -> int:
     return self.size * self.bits + 32 * self.n_clusters

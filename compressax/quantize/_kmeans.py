@@ -43,6 +43,7 @@ import numpy as np
 from compressax import _checks
 from compressax import _rules
 from compressax import _select
+from compressax import _sharding
 from compressax.quantize._codebook import CodebookArray
 from compressax.quantize._codebook import codes_dtype
 
@@ -226,8 +227,12 @@ def _kmeans(path, x, n_clusters, *, init, iters, tol, key, max_clusters):
   m = _check_args(path, x, n_clusters, init, iters, tol, key, max_clusters)
   if key is None:
     key = jax.random.key(0)  # unused by the deterministic inits
-  return _kmeans_impl(jnp.asarray(x), n_clusters, key, jnp.float32(tol), m=m,
-                      init=init, iters=iters)
+  # The values are sorted as one array: a sharded x is clustered on a
+  # gathered copy (the same centroids as unsharded, replicated); the codes
+  # come back in x's sharding.
+  cents, codes = _kmeans_impl(_sharding.replicated(jnp.asarray(x)), n_clusters,
+                              key, jnp.float32(tol), m=m, init=init, iters=iters)
+  return cents, _sharding.like(codes, x)
 
 
 def kmeans(x, n_clusters, *, init: str = "linear", iters: int = 30,

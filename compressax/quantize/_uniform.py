@@ -36,10 +36,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from compressax import _checks
 from compressax import _node
 from compressax import _select
+from compressax import _sharding
 
 
 __all__ = ["QuantizedArray", "dequantize", "quantize", "uniform",
@@ -164,18 +167,40 @@ class _Layout:
   def view(self, x):
     if self.bucket_size is None:
       return x
+    whole = not self.row_len % self.bucket_size
+    target = _sharding.rows_sharding(
+        x, math.prod(self.shape) // self.bucket_size) if whole else None
+    if target is not None:
+      # x split over explicit mesh axes, no padding: the buckets are split
+      # over the same devices (a relayout; no value changes).
+      return jnp.reshape(jnp.transpose(x, self.perm), (-1, self.bucket_size),
+                         out_sharding=target)
+    # Otherwise a bucket may straddle shards: work on a gathered copy (a
+    # classic mesh's partitioner copes by itself).
+    if _sharding.explicit(x) is not None:
+      x = _sharding.replicated(x)
     m = jnp.transpose(x, self.perm).reshape(self.rows, self.row_len)
     pad = -self.row_len % self.bucket_size
     # Edge padding repeats a value of the last bucket, so min/max are exact.
     m = jnp.pad(m, ((0, 0), (0, pad)), mode="edge")
     return m.reshape(-1, self.bucket_size)
 
-  def unview(self, m):
+  def unview(self, m, like=None):
+    """The inverse of :meth:`view`, in the sharding of ``like`` if given."""
     if self.bucket_size is None:
       return m
-    m = m.reshape(self.rows, -1)[:, :self.row_len]
     moved = tuple(self.shape[i] for i in self.perm)
-    return jnp.transpose(m.reshape(moved), np.argsort(self.perm))
+    s = _sharding.explicit(like)
+    if s is not None and not self.row_len % self.bucket_size:
+      spec = tuple(s.spec) + (None,) * (len(self.shape) - len(s.spec))
+      out = jnp.reshape(m, moved, out_sharding=NamedSharding(
+          s.mesh, P(*(spec[i] for i in self.perm))))
+      return jnp.transpose(out, np.argsort(self.perm))
+    if _sharding.explicit(m) is not None:
+      m = _sharding.replicated(m)
+    m = m.reshape(self.rows, -1)[:, :self.row_len]
+    out = jnp.transpose(m.reshape(moved), np.argsort(self.perm))
+    return out if like is None else _sharding.like(out, like)
 
 
 def _compute_dtype(dtype):
@@ -242,7 +267,7 @@ def _encode(x, bits, symmetric, layout, stochastic, key):
 def _fake(x, bits, key, symmetric, layout, stochastic):
   codes, scale, offset, zero = _encode(x, bits, symmetric, layout, stochastic,
                                        key)
-  return layout.unview(_dequant(codes, scale, offset, zero)).astype(x.dtype)
+  return layout.unview(_dequant(codes, scale, offset, zero), x).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -250,8 +275,10 @@ def _quantize_jit(x, bits, key, symmetric, layout, stochastic, code_dtype):
   codes, scale, offset, _ = _encode(x, bits, symmetric, layout, stochastic, key)
   # A symmetric grid's offset is identically zero: store none.
   offset = offset[:0] if symmetric else offset
-  return (layout.unview(codes).astype(code_dtype), scale.reshape(-1),
-          offset.reshape(-1))
+  # Codes in x's sharding; the (small) scales and offsets replicated.
+  return (layout.unview(codes, x).astype(code_dtype),
+          _sharding.replicated(scale.reshape(-1)),
+          _sharding.replicated(offset.reshape(-1)))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -261,7 +288,7 @@ def _materialize_jit(codes, scale, offset, bits, symmetric, layout, dtype):
   scale = scale.reshape(layout.scale_shape)
   offset = (jnp.zeros_like(scale) if symmetric
             else offset.reshape(layout.scale_shape))
-  return layout.unview(_dequant(g, scale, offset, zero)).astype(dtype)
+  return layout.unview(_dequant(g, scale, offset, zero), codes).astype(dtype)
 
 
 def uniform(x, bits, *, symmetric: bool = False, axis=None,
@@ -316,8 +343,8 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
   if x.size == 0:
     return x
   layout = _Layout(tuple(x.shape), axes, bucket_size)
-  return _fake(x, jnp.asarray(bits), key if stochastic else None,
-               bool(symmetric), layout, bool(stochastic))
+  return _sharding.like(_fake(x, jnp.asarray(bits), key if stochastic else None,
+                              bool(symmetric), layout, bool(stochastic)), x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -359,7 +386,8 @@ def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
     return x
   config = (bool(symmetric), _Layout(tuple(x.shape), axes, bucket_size),
             bool(stochastic))
-  return _ste_core(x, jnp.asarray(bits), key if stochastic else None, config)
+  return _sharding.like(
+      _ste_core(x, jnp.asarray(bits), key if stochastic else None, config), x)
 
 
 @_node.compressed_leaf(name="compressax.QuantizedArray", pointwise=("codes",))
@@ -391,9 +419,9 @@ class QuantizedArray(_node.CompressedLeaf):
     """The dequantized array; equals :func:`uniform` with the same options."""
     axes = None if self.axis is None else tuple(self.axis)
     layout = _Layout(tuple(self.shape), axes, self.bucket_size)
-    return _materialize_jit(self.codes, self.scale, self.offset,
-                            int(self.bits), bool(self.symmetric), layout,
-                            np.dtype(self.dtype))
+    return _sharding.like(_materialize_jit(
+        self.codes, self.scale, self.offset, int(self.bits),
+        bool(self.symmetric), layout, np.dtype(self.dtype)), self.codes)
 
   def validate(self) -> None:
     """Codes of the dense shape within ``bits``; one scale (offset) per group."""
@@ -472,7 +500,8 @@ def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
       x, jnp.asarray(bits), key if stochastic else None, bool(symmetric),
       layout, bool(stochastic), dtype)
   return QuantizedArray(
-      codes=codes, scale=scale, offset=offset, bits=bits, shape=tuple(x.shape),
+      codes=_sharding.like(codes, x), scale=_sharding.replicate_like(scale, x),
+      offset=_sharding.replicate_like(offset, x), bits=bits, shape=tuple(x.shape),
       dtype=np.dtype(x.dtype), symmetric=bool(symmetric), axis=axes,
       bucket_size=None if bucket_size is None else int(bucket_size))
 
