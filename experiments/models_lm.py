@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(var + self.eps) * scale
+    return x * jax.lax.rsqrt(var + self.eps) * scale.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def rope(x, base: float):
@@ -324,13 +324,15 @@ def load_minilm(path: str):
   from safetensors.numpy import load
   from tokenizers import Tokenizer
   with zipfile.ZipFile(path) as z:
-    names = {os.path.basename(n): n for n in z.namelist()}
-    w = load(z.read(names["model.safetensors"]))
-    tok = Tokenizer.from_str(z.read(names["tokenizer.json"]).decode())
+    w = load(z.read("model.safetensors"))
+    tok = Tokenizer.from_str(z.read("tokenizer.json").decode())
+    conf = json.loads(z.read("config.json"))
   w = {k.removeprefix("bert."): v for k, v in w.items()}
   g = lambda k: jnp.asarray(np.asarray(w[k], np.float32))  # noqa: E731
   layers = len({k.split(".")[2] for k in w if k.startswith("encoder.layer.")})
   cfg = BertConfig(vocab=w["embeddings.word_embeddings.weight"].shape[0],
+                   heads=int(conf["num_attention_heads"]),
+                   eps=float(conf.get("layer_norm_eps", 1e-12)),
                    width=w["embeddings.word_embeddings.weight"].shape[1],
                    layers=layers,
                    ffn=w["encoder.layer.0.intermediate.dense.weight"].shape[0],

@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
              "layer_errors": {k: v for k, v in info.items() if k != "seconds"}}
   if is_lm:
     results["perplexity"] = perplexity(model, decoded, evals, args.eval_batch, args.quiet)
-    if args.baseline_from:
+    if method is None:
+      results["baseline_perplexity"] = results["perplexity"]
+    elif args.baseline_from:
       with open(args.baseline_from) as f:
         base = json.load(f)
       assert base["eval_windows"] == len(evals) and base["context"] == args.context

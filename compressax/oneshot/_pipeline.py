@@ -251,6 +251,7 @@ def calibrate_sequential(apply: Callable, blocks: Sequence[Any],
     ``||X W - X W_hat||^2 / ||X W||^2`` on the block's calibration inputs.
 
   Example:
+    >>> import flax.linen as nn
     >>> class Block(nn.Module):
     ...   @nn.compact
     ...   def __call__(self, x):
@@ -270,6 +271,11 @@ def calibrate_sequential(apply: Callable, blocks: Sequence[Any],
   batches = list(inputs)
   compressed, info = [], {}
   used: set = set()
+  values = ([r.value for r in rule_list] if rule_list is not None else
+            [rules] if hasattr(rules, "needs_hessian") else None)
+  # Calibration-free methods alone (RTN, magnitude): no block needs running.
+  needs_data = values is None or any(
+      getattr(v, "needs_hessian", True) for v in values)
   for i, params in enumerate(tqdm(blocks, desc=desc, disable=not progress,
                                   leave=False)):
     methods = _rules.per_leaf(params, rules if rule_list is None else
@@ -298,7 +304,7 @@ def calibrate_sequential(apply: Callable, blocks: Sequence[Any],
     new = jax.tree_util.tree_map_with_path(
         compress_leaf, params, methods, is_leaf=_select.is_skip)
     compressed.append(new)
-    if i + 1 < len(blocks):
+    if needs_data and i + 1 < len(blocks):
       batches = _run(apply, _node.materialize(new) if sequential else params,
                      batches)
   if rule_list is not None:
