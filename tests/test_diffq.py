@@ -41,25 +41,32 @@ def test_init_logits_shapes_and_bits(group_size):
   params = _params()
   logits = cx.diffq.init_logits(params, group_size=group_size, init_bits=6.5,
                                 min_size=0)
-  assert jax.tree.structure(logits) == jax.tree.structure(params)
+  # The params' structure, with SKIP where a leaf is not quantized.
+  assert jax.tree.structure(logits, is_leaf=cx.is_skip) == jax.tree.structure(params)
   want = 1 if group_size == 0 else math.ceil(165 / group_size)
   assert logits["params"]["Dense_0"]["kernel"].shape == (want,)
-  assert logits["params"]["Dense_0"]["bias"].shape == (0,)
-  assert logits["params"]["step"].shape == (0,)
+  assert logits["params"]["Dense_0"]["bias"] is cx.SKIP
+  assert logits["params"]["step"] is cx.SKIP
   bits = cx.diffq.bits_from_logits(logits)
   np.testing.assert_allclose(bits["params"]["Dense_0"]["kernel"], 6.5, rtol=1e-6)
-  # Empty leaves are harmless to Optax, so one optimizer can take the tree.
+  # SKIP markers are harmless to Optax, so one optimizer can take the tree.
   opt = optax.adam(1e-3)
   with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes dtypes
     upd, _ = opt.update(logits, opt.init(logits), logits)
-  assert upd["params"]["step"].shape == (0,)
+  assert upd["params"]["step"] is cx.SKIP
+  # The legacy (0,) marker of earlier releases still means "not quantized".
+  legacy = jax.tree.map(lambda l: l, logits)
+  legacy["params"]["step"] = np.zeros((0,), np.float32)
+  np.testing.assert_array_equal(
+      cx.diffq.model_size(params, legacy, group_size=group_size),
+      cx.diffq.model_size(params, logits, group_size=group_size))
 
 
 def test_min_size_excludes_tiny_leaves():
   params = {"small": np.ones((50, 50), np.float32),   # 0.0095 MB
             "big": np.ones((52, 52), np.float32)}     # 0.0103 MB
   logits = cx.diffq.init_logits(params)
-  assert logits["small"].shape == (0,) and logits["big"].shape == (169,)
+  assert logits["small"] is cx.SKIP and logits["big"].shape == (169,)
 
 
 @hypothesis.settings(max_examples=15)
@@ -180,9 +187,9 @@ def test_noisy_deterministic_jit_and_untouched_leaves():
 def _np_model_bits(params, logits, group_size, exact=False):
   total = 0.0
   for (_, x), l in zip(jax.tree_util.tree_leaves_with_path(params),
-                       jax.tree_util.tree_leaves(logits)):
+                       jax.tree_util.tree_leaves(logits, is_leaf=cx.is_skip)):
     x = np.asarray(x)
-    if np.size(l) == 0:
+    if cx.is_skip(l):
       total += x.size * x.dtype.itemsize * 8
       continue
     bits = _np_group_bits(l, x.size, group_size)
@@ -388,7 +395,7 @@ def test_nnx_state_round_trip():
 
   _, state = nnx.split(M(nnx.Rngs(0)))
   logits = cx.diffq.init_logits(state, min_size=0)
-  assert jax.tree.structure(logits) == jax.tree.structure(state)
+  assert jax.tree.structure(logits, is_leaf=cx.is_skip) == jax.tree.structure(state)
   noisy = cx.diffq.noisy(state, logits, jax.random.key(0))
   assert isinstance(noisy, nnx.State)
   q = cx.diffq.quantize(state, logits)

@@ -140,16 +140,7 @@ def test_sharded_params_match_unsharded(name):
                                                        atol=1e-6), got, want)
 
 
-# DiffQ keeps a (0,)-shaped logit per unquantized leaf, and orbax refuses to
-# save zero-size arrays: a known defect, kept visible (strict: a fix fails it).
-_ORBAX_EMPTY = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="orbax cannot save DiffQ's zero-size logits of unquantized leaves")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=_ORBAX_EMPTY) if n == "diffq_optimizer" else n
-    for n in sorted(FACTORIES)])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_one_trace_and_checkpoint_resume_is_bit_identical(name, tmp_path):
   """10 steps straight == 5 steps, save, restore, 5 more; one trace in all."""
   factory, params, loss = _case(name)

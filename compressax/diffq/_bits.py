@@ -3,12 +3,13 @@
 ``bits = b_min + sigmoid(logit) * (b_max - b_min)``. :func:`init_logits`
 builds a logits pytree with the params' structure: a selected leaf gets a
 float32 vector with one logit per group of ``group_size`` consecutive
-(flattened) weights, the last group possibly shorter; every other leaf gets an
-empty float32 array of shape ``(0,)``. Empty arrays keep the tree structure
-(so ``jax.tree.map`` over params and logits works, and an Optax optimizer such
-as ``optax.adam`` can hold state for the whole logits tree at no cost) and
-mark the leaf as "not quantized" for :func:`~compressax.diffq.noisy`,
-:func:`~compressax.diffq.model_size` and :func:`~compressax.diffq.quantize`.
+(flattened) weights, the last group possibly shorter; every other leaf gets
+``cx.SKIP``, the library's one "not here" marker: a pytree node with no
+children, so an Optax optimizer such as ``optax.adam`` holds state for the
+whole logits tree at no cost, orbax checkpoints it, and
+:func:`~compressax.diffq.noisy`, :func:`~compressax.diffq.model_size` and
+:func:`~compressax.diffq.quantize` leave the leaf unquantized. (The empty
+``(0,)`` arrays of earlier releases, and ``None``, still mean the same.)
 
 References:
   Défossez, Adi, Synnaeve, *Differentiable Model Compression via
@@ -86,7 +87,7 @@ def zip_logits(params, logits):
 
 def is_quantized(path, x, logit, group_size: int) -> bool:
   """Whether a leaf has bit logits; checks their count against ``group_size``."""
-  if np.size(logit) == 0:
+  if _select.is_skip(logit) or np.size(logit) == 0:
     return False
   _checks.check_floating(path, x)
   want = n_groups(int(np.size(x)), group_size)
@@ -123,8 +124,8 @@ def bits_from_logits(logits, *, b_min: float = 2, b_max: float = 15) -> Any:
     b_min, b_max: the bit range, ``1 <= b_min < b_max <= 15``.
 
   Returns:
-    A pytree like ``logits`` of float32 (fractional) bit widths; empty
-    leaves stay empty. A NaN logit gives ``b_max``.
+    A pytree like ``logits`` of float32 (fractional) bit widths; ``cx.SKIP``
+    (and empty) leaves stay as they are. A NaN logit gives ``b_max``.
 
   Raises:
     ValueError: for bad bounds.
@@ -133,7 +134,9 @@ def bits_from_logits(logits, *, b_min: float = 2, b_max: float = 15) -> Any:
     Défossez et al., *DiffQ*, 2021. https://arxiv.org/abs/2104.09987
   """
   check_bounds(b_min, b_max)
-  return jax.tree_util.tree_map(lambda l: logit_bits(l, b_min, b_max), logits)
+  return jax.tree_util.tree_map(
+      lambda l: l if _select.is_skip(l) else logit_bits(l, b_min, b_max),
+      logits, is_leaf=_select.is_leaf)
 
 
 def init_logits(params, *, group_size: int = 16, init_bits: float = 8.0,
@@ -153,7 +156,7 @@ def init_logits(params, *, group_size: int = 16, init_bits: float = 8.0,
 
   Returns:
     A pytree with ``params``' structure: float32 ``(n_groups,)`` for each
-    quantized leaf, float32 ``(0,)`` for every other leaf.
+    quantized leaf, ``cx.SKIP`` for every other leaf.
 
   Raises:
     TypeError: a selected leaf is not floating point (names its path).
@@ -188,5 +191,5 @@ def init_logits(params, *, group_size: int = 16, init_bits: float = 8.0,
       g = n_groups(int(np.size(x)), group_size)
       out.append(jnp.full((g,), logit0, jnp.float32))
     else:
-      out.append(jnp.zeros((0,), jnp.float32))
+      out.append(_select.SKIP)
   return jax.tree_util.tree_unflatten(treedef, out)
