@@ -239,7 +239,7 @@ def test_weight_share_tree_per_layer_bits():
   assert out["params"]["Dense_0"]["kernel"].n_clusters == 32
   assert out["params"]["Conv_0"]["bias"] is params["params"]["Conv_0"]["bias"]
   with pytest.raises(ValueError, match=r"params\['Dense_0'\]\['kernel'\]: "
-                     r"no pattern"):
+                     r"no n_clusters given for this leaf: no rule matches"):
     cx.quantize.weight_share_tree(params, {"Conv": 8})
   with pytest.raises(ValueError, match=r"\['Conv_0'\]\['kernel'\]: n_clusters must be in"):
     cx.quantize.weight_share_tree(params, 0)

@@ -391,7 +391,7 @@ def test_ratio_too_small_and_bad_bsr_options():
     L.bsr_ranks(params, 0.01)
   with pytest.raises(ValueError, match="beam_width"):
     L.bsr_ranks(params, 0.5, beam_width=0)
-  with pytest.raises(ValueError, match="selects no leaves"):
+  with pytest.raises(ValueError, match="matches no leaf"):
     L.ranks_for_ratio(params, 0.5, where="nothing")
 
 
