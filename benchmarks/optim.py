@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
@@ -226,7 +225,7 @@ def main():
           f"[{q1:.2f}-{q3:.2f}]  (target <= {target:.2f}x: "
           f"{'ok' if r <= target else 'MISSED'})")
 
-  print(f"  (DiffQ's uniform noise: 16-bit grid, seeded counter hash; see "
+  print("  (DiffQ's uniform noise: 16-bit grid, seeded counter hash; see "
         "compressax/diffq/_noise.py)")
 
   for b in ((128,) if args.quick else (128, 1024)):

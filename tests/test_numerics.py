@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import compressax as cx

@@ -52,7 +52,7 @@ _MIN_ZERO_BYTES = 64
 def kind_of(dtype) -> str:
   """'float', 'int' or 'bool'; anything else is a ``TypeError``."""
   dtype = np.dtype(dtype)
-  if dtype == bool:
+  if dtype.kind == "b":
     return "bool"
   if np.issubdtype(dtype, np.integer):
     return "int"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 
 from compressax import _checks
 from compressax import prune as _prune

@@ -42,7 +42,6 @@ import numpy as np
 import optax
 
 from compressax import _deprecation
-from compressax import _checks
 from compressax import _rules
 from compressax import _select
 from compressax import quantize as _quantize

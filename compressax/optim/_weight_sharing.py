@@ -84,7 +84,6 @@ def _code_dtype(n_clusters: int):
 
 
 def _clusters_for(spec, bits, keypath, leaf, n_kept=None) -> int:
-  path = _select.path_str(keypath)
   if bits is not None:
     b = _rules.lookup(bits, keypath, leaf, name="bits")
     _checks.check_bits(keypath, b, 1, 16)

@@ -7,7 +7,6 @@ sparsity per leaf (0.0 at unselected leaves), which
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import jax
@@ -17,7 +16,6 @@ import numpy as np
 from compressax import _checks
 from compressax import _rules
 from compressax._select import is_skip
-from compressax._select import path_str
 from compressax.prune import _leaves
 from compressax.prune import _rank
 

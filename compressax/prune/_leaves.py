@@ -7,7 +7,6 @@ unselected leaves get a 0-d ``True`` (keep all).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import jax
 import numpy as np

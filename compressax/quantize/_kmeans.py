@@ -33,7 +33,6 @@ References:
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Mapping, Union
 
 import jax

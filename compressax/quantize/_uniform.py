@@ -41,7 +41,6 @@ from jax.sharding import PartitionSpec as P
 
 from compressax import _checks
 from compressax import _node
-from compressax import _select
 from compressax import _sharding
 
 
