@@ -4,19 +4,22 @@ The paper's intent on an MNIST-size model (default LeNet-5):
 
 1. **Baseline**: train the model at full precision (Adam).
 2. **DiffQ**, one run per ``lambda`` in ``--lambdas``: starting from the
-   baseline, fine-tune with pseudo-quantization noise on the weights
-   (``cx.diffq.noisy``) and the loss ``task + lambda * model_size_MB``
-   (``cx.diffq.model_size``); one bit logit per group of ``--group-size``
-   weights, trained by its own Adam (``--logit-lr``, paper: 1e-3) through
-   ``cx.optim.diffq_optimizer`` (``optax.partition``), the model by Adam
-   (``--lr``). Then truly quantize (``cx.diffq.quantize``: rounded bits,
-   ``DiffQArray`` nodes).
+   baseline, fine-tune a ``cx.Plan`` of ``cx.methods.DiffQ(size_penalty=
+   lambda, group_size=...)``: pseudo-quantization noise on the weights in
+   the view (``cx.diffq.noisy``) and the loss ``task + lambda *
+   model_size_MB`` (``plan.loss``; ``cx.diffq.model_size``); one bit logit
+   per group of ``--group-size`` weights, trained by its own Adam
+   (``--logit-lr``, paper: 1e-3; ``plan.optimizer``), the model by Adam
+   (``--lr``). Then truly quantize (``plan.finalize``: ``cx.diffq.quantize``,
+   rounded bits, ``DiffQArray`` nodes).
 3. **Uniform QAT**, one run per ``--qat-bits``: the same fine-tuning with
-   the forward pass on ``cx.quantize.uniform_ste`` weights (one min/max range
-   per tensor, like DiffQ's), then ``cx.quantize.quantize``.
+   the forward pass on ``cx.methods.Uniform(bits)`` weights
+   (``cx.quantize.uniform_ste``, one min/max range per tensor, like DiffQ's),
+   then ``plan.finalize`` (``cx.quantize.quantize``).
 
-Both methods quantize the same leaves: the kernels of at least 0.01 MB
-(DiffQ's rule; LeNet-5's 2 KB ``conv1`` kernel and all biases stay fp32).
+Both methods quantize the same leaves, one rule (:func:`quantized_leaf`):
+the kernels of at least 0.01 MB (DiffQ's rule; LeNet-5's 2 KB ``conv1``
+kernel and all biases stay fp32).
 Every run is written with ``cx.io.save`` to ``DIR/runs/*.cx`` and its test
 error measured on the weights decoded from that file. ``DIR/model.cx`` (and
 the top-level fields of ``results.json``) is the DiffQ model of
@@ -110,40 +113,63 @@ def _log(args, msg):
     print(msg, flush=True)
 
 
+# DiffQ's rule: kernels under 0.01 MB (2^20 bytes) at fp32 stay float.
+MIN_SIZE_MB = 0.01
+
+
+def quantized_leaf(path: str, leaf) -> bool:
+  """The leaves both methods quantize: kernels of at least 0.01 MB at fp32."""
+  return cx.default_rule(path, leaf) and leaf.size * 4 >= MIN_SIZE_MB * 2 ** 20
+
+
 def _task_loss(model):
   def task(params, x, y):
     return train_lib.cross_entropy(model.apply(params, x, train=False), y)
   return task
 
 
+def diffq_method(lam: float, args) -> cx.methods.DiffQ:
+  """DiffQ at size penalty ``lam`` with the flags' settings, given once."""
+  return cx.methods.DiffQ(
+      size_penalty=lam, group_size=args.group_size, init_bits=args.init_bits,
+      b_min=args.b_min, b_max=args.b_max, noise=args.noise,
+      logit_learning_rate=args.logit_lr)
+
+
+def bit_logits(plan: cx.Plan, train) -> dict:
+  """The ``cx.diffq`` logits tree of a DiffQ plan's tree: ``cx.SKIP`` where float."""
+  _, treedef = jax.tree_util.tree_flatten(train["params"],
+                                          is_leaf=cx.is_compressed)
+  aux = treedef.flatten_up_to(train["aux"])
+  return treedef.unflatten([a if cx.is_skip(a) else a["logits"] for a in aux])
+
+
 def run_diffq(model, params, ds, lam: float, args):
   """Fine-tune with noise and a size penalty; return the quantized tree."""
-  kw = dict(group_size=args.group_size, b_min=args.b_min, b_max=args.b_max)
-  train = cx.optim.diffq_init(params, init_bits=args.init_bits, **kw)
-  tx = cx.optim.diffq_optimizer(optax.adam(args.lr),
-                                logit_learning_rate=args.logit_lr)
-  objective = cx.optim.diffq_loss(_task_loss(model), penalty=lam,
-                                  noise=args.noise, **kw)
+  plan = cx.Plan([(quantized_leaf, diffq_method(lam, args))])
+  objective = plan.loss(_task_loss(model))
   train, _, _ = train_lib.fit(
-      model, train, tx, ds, epochs=args.qat_epochs, batch_size=args.batch_size,
-      seed=args.seed + 1, quiet=True, eval_every_epoch=False,
+      model, plan.init(params), plan.optimizer(optax.adam(args.lr)), ds,
+      epochs=args.qat_epochs, batch_size=args.batch_size, seed=args.seed + 1,
+      quiet=True, eval_every_epoch=False,
       loss_fn=lambda t, x, y, key: objective(t, key, x, y))
-  return cx.optim.diffq_finalize(train, **kw), train["bit_logits"]
+  return plan.finalize(train), bit_logits(plan, train)
 
 
-def run_qat(model, params, ds, bits: int, where, args):
+def run_qat(model, params, ds, bits: int, args):
   """Fine-tune on uniform STE-quantized weights; return the quantized tree."""
+  plan = cx.Plan([(quantized_leaf, cx.methods.Uniform(bits))])
   task = _task_loss(model)
 
-  def loss_fn(p, x, y, key):
+  def loss_fn(t, x, y, key):
     del key
-    return task(cx.optim.quantized_params(p, bits, where=where), x, y)
+    return task(plan.view(t), x, y)
 
-  params, _, _ = train_lib.fit(
-      model, params, optax.adam(args.lr), ds, epochs=args.qat_epochs,
-      batch_size=args.batch_size, seed=args.seed + 1, quiet=True,
-      eval_every_epoch=False, loss_fn=loss_fn)
-  return cx.optim.finalize(params, bits, where=where)
+  train, _, _ = train_lib.fit(
+      model, plan.init(params), plan.optimizer(optax.adam(args.lr)), ds,
+      epochs=args.qat_epochs, batch_size=args.batch_size, seed=args.seed + 1,
+      quiet=True, eval_every_epoch=False, loss_fn=loss_fn)
+  return plan.finalize(train)
 
 
 def mean_bits(tree) -> float:
@@ -217,10 +243,6 @@ def main(argv=None) -> dict:
                                 args.eval_batch_size)
   _log(args, f"  baseline {args.model} fp32: test error {baseline:.4f}")
 
-  # QAT quantizes exactly the leaves that DiffQ gives bit logits.
-  logits0 = cx.diffq.init_logits(params, group_size=args.group_size)
-  where = jax.tree_util.tree_map(lambda l: l.size > 0, logits0)
-
   runs, saved_tree = [], None
   settings = [("diffq", lam) for lam in args.lambdas] + \
              [("qat", b) for b in args.qat_bits]
@@ -236,7 +258,7 @@ def main(argv=None) -> dict:
         if value == args.save_lambda:
           saved_tree = tree
       else:
-        tree = run_qat(model, params, ds, value, where, args)
+        tree = run_qat(model, params, ds, value, args)
         entry = {"method": "qat", "bits": value}
         name = f"qat-{value}bit.cx"
       run = train_lib.saved_run(os.path.join(args.out, "runs", name), tree, model, ds, args)

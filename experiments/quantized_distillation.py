@@ -6,20 +6,29 @@ quantized student, saved to ``DIR/runs/METHOD-{bits}bit.cx`` with
 ``cx.io.save`` and evaluated from the loaded file:
 
 * ``ptq``: the fp32 student (trained on labels) quantized post-training with
-  one range per tensor (``QuantizedArray``, no buckets);
+  one range per tensor (``Uniform(bits)``: ``QuantizedArray``, no buckets);
 * ``ptq_bucket``: the same with buckets of 256 values (Polino's k = 256);
-* ``qat``: the student trained from the same init on ``uniform_ste`` weights
-  (buckets of 256), labels only, no teacher;
-* ``qdistill``: quantized distillation, ``0.7 T^2 KL + 0.3 CE``, ``T = 2``,
-  SGD Nesterov 0.9, buckets of 256 (``cx.optim.quantized_distillation_loss``);
+* ``qat``: the student trained from the same init on ``plan.view`` weights
+  (``Uniform(bits, bucket_size=256)``: ``uniform_ste``), labels only, no
+  teacher;
+* ``qdistill``: quantized distillation, ``0.7 T^2 KL + 0.3 CE``, ``T = 2``
+  (``cx.distill.polino_loss`` on ``plan.view``), SGD Nesterov 0.9, buckets of
+  256;
 * ``diffquant``: differentiable quantization. It starts from the *distilled*
   fp32 student, keeps its weights fixed, and learns ``2^bits`` points per
-  tensor in the bucket-scaled [0, 1] domain (buckets of 256, initialised at
-  the quantiles of the scaled weights; ``cx.optim.init_points``,
-  ``cx.quantize.nearest_point``, ``cx.optim.diff_quant_points``). Loss: by
-  default the paper's, distillation (``T^2 KL``, T = 2) from the model's own
-  fp32 copy; ``--dq-target teacher`` distills from the teacher instead.
-  Points are trained by SGD with Nesterov momentum 0.9.
+  tensor in the bucket-scaled [0, 1] domain (``Points(2 ** bits,
+  bucket_size=256)``, initialised at the quantiles of the scaled weights;
+  the view is ``cx.quantize.nearest_point``). Loss: by default the paper's,
+  distillation (``T^2 KL``, T = 2) from the model's own fp32 copy;
+  ``--dq-target teacher`` distills from the teacher instead. The points are
+  trained by their own SGD with Nesterov momentum 0.9 (``--dq-lr``,
+  cosine-decayed), re-sorted and clipped to [0, 1] after every step
+  (``Points(learning_rate=...)``: ``cx.optim.diff_quant_points``); the
+  weights get ``optax.set_to_zero`` as the plan's inner optimizer.
+
+Every method is a ``cx.Plan`` over the kernels (the library's default
+selection): ``cx.methods.Uniform`` for the first four, ``cx.methods.Points``
+for the fifth; none uses the deprecated ``cx.optim`` parameter maps.
 
 Storage of ``diffquant``: ``cx.quantize.quantize_points`` stores each
 kernel as a ``cx.quantize.PointsArray`` (uint codes, the tensor's float32
@@ -129,23 +138,38 @@ def _dropout_apply(model, key):
   return lambda p, x: model.apply(p, x, train=True, rngs={"dropout": key})
 
 
-def student_loss(model, args, *, bits=None, teacher=None, teacher_params=None):
-  """``loss_fn(params, x, y, key)``: CE or Polino's loss, fp32 or on ``q(w)``."""
-  def loss_fn(params, x, y, key):
+def uniform_plan(bits: int, bucket_size: int | None) -> cx.Plan:
+  """Polino's uniform quantizer on every kernel (biases stay float32)."""
+  return cx.Plan(cx.methods.Uniform(bits, bucket_size=bucket_size))
+
+
+def student_loss(model, args, *, plan=None, teacher=None, teacher_params=None):
+  """``loss_fn(train, x, y, key)``: CE or Polino's loss, fp32 or on ``plan.view``.
+
+  Without a plan ``train`` is the params; with one it is ``plan.init``'s tree
+  and the student runs on ``plan.view(train)`` (fake-quantized kernels,
+  straight-through gradient to the float32 shadow weights).
+  """
+  def loss_fn(train, x, y, key):
     apply_fn = _dropout_apply(model, key)
+    q = train if plan is None else plan.view(train)
     if teacher is None:
-      q = params if bits is None else cx.optim.quantized_params(
-          params, bits, bucket_size=args.bucket_size)
       return train_lib.cross_entropy(apply_fn(q, x), y)
     t_logits = jax.lax.stop_gradient(teacher.apply(teacher_params, x))
-    if bits is None:
-      return jnp.mean(cx.distill.polino_loss(
-          apply_fn(params, x), t_logits, y, alpha=args.alpha,
-          temperature=args.temperature))
-    return cx.optim.quantized_distillation_loss(
-        params, apply_fn, x, y, t_logits, bits=bits, bucket_size=args.bucket_size,
-        alpha=args.alpha, temperature=args.temperature)
+    return jnp.mean(cx.distill.polino_loss(
+        apply_fn(q, x), t_logits, y, alpha=args.alpha,
+        temperature=args.temperature))
   return loss_fn
+
+
+def _cosine(lr: float, steps: int):
+  """``train_lib.sgd``'s cosine decay to 0 over ``steps``, as a schedule."""
+  total = float(max(steps, 1))
+
+  def schedule(count):
+    t = jnp.minimum(count.astype(jnp.float32) / total, 1.0)
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+  return schedule
 
 
 def train_points(model, params, teacher, teacher_params, ds, bits, args):
@@ -155,42 +179,35 @@ def train_points(model, params, teacher, teacher_params, ds, bits, args):
     ``(tree, shift)``: the params with ``cx.quantize.PointsArray`` kernels, and
     the largest distance any point moved from its initial value.
   """
-  points = cx.optim.init_points(params, 2 ** bits, method=args.dq_init,
-                                bucket_size=args.bucket_size)
-  start = points
-  # The fixed weights ride along as a zero-update part of the trained tree:
+  steps = args.dq_epochs * train_lib.steps_per_epoch(ds, args.batch_size)
+  plan = cx.Plan(cx.methods.Points(
+      2 ** bits, bucket_size=args.bucket_size, init_method=args.dq_init,
+      straight_through=False, learning_rate=_cosine(args.dq_lr, steps)))
+  # The fixed weights ride along in the trained tree with a zero update:
   # closed over, they would be jit constants that XLA constant-folds (slow).
-  tx = optax.multi_transform(
-      {"points": cx.optim.diff_quant_points(_sgd(args.dq_lr, args.dq_epochs, ds, args)),
-       "fixed": optax.set_to_zero()},
-      lambda t: {"points": jax.tree_util.tree_map(lambda _: "points", t["points"]),
-                 "fixed": jax.tree_util.tree_map(lambda _: "fixed", t["fixed"])})
+  train = plan.init(params)
+  tx = plan.optimizer(optax.set_to_zero())
 
   def loss_fn(tree, x, y, key):
     del y, key
-    w = jax.lax.stop_gradient(tree["fixed"])
+    w = jax.lax.stop_gradient(tree["params"])
     target = (model.apply(w, x) if args.dq_target == "self"
               else teacher.apply(teacher_params, x))
-    q = cx.optim.points_quantized(w, tree["points"], bucket_size=args.bucket_size)
+    q = plan.view({"params": w, "aux": tree["aux"]})
     return jnp.mean(cx.distill.kd_loss(model.apply(q, x),
                                        jax.lax.stop_gradient(target),
                                        temperature=args.temperature))
 
   trained, _, _ = train_lib.fit(
-      model, {"points": points, "fixed": params}, tx, ds, epochs=args.dq_epochs,
+      model, train, tx, ds, epochs=args.dq_epochs,
       batch_size=args.batch_size, seed=args.seed + 11, quiet=args.quiet,
       desc=f"diffquant {bits}b", loss_fn=loss_fn, eval_every_epoch=False)
-  points = trained["points"]
-  sel = jax.tree_util.tree_leaves(points)
+  sel = jax.tree_util.tree_leaves(trained["aux"])
   if sel and not all(bool(jnp.all(jnp.isfinite(p))) for p in sel):
     raise FloatingPointError("diffquant: points diverged; lower --dq-lr")
   shift = max(float(jnp.max(jnp.abs(p - p0)))
-              for p, p0 in zip(sel, jax.tree_util.tree_leaves(start)))
-  tree = jax.tree_util.tree_map_with_path(
-      lambda kp, w, p: w if p is None else cx.quantize.quantize_points(
-          w, p, bucket_size=args.bucket_size, path=kp),
-      params, points, is_leaf=lambda v: v is None)
-  return tree, shift
+              for p, p0 in zip(sel, jax.tree_util.tree_leaves(train["aux"])))
+  return plan.finalize(trained), shift
 
 
 def comparable_margin(err_a: float, err_b: float, n: int) -> float:
@@ -264,8 +281,11 @@ def main(argv=None) -> dict:
   _log(args, f"Quantized distillation vs differentiable quantization: "
              f"{args.teacher} -> {args.model} at {args.bits} bits on {args.dataset}")
 
-  def fit(params, lr, epochs, desc, loss_fn=None, seed=args.seed, m=model):
-    return train_lib.fit(m, params, _sgd(lr, epochs, ds, args), ds, epochs=epochs,
+  def fit(params, lr, epochs, desc, loss_fn=None, seed=args.seed, m=model,
+          plan=None):
+    tx = _sgd(lr, epochs, ds, args)
+    tx = tx if plan is None else plan.optimizer(tx)
+    return train_lib.fit(m, params, tx, ds, epochs=epochs,
                          batch_size=args.batch_size, seed=seed, quiet=args.quiet,
                          desc=desc, loss_fn=loss_fn, eval_every_epoch=False)[0]
 
@@ -293,15 +313,18 @@ def main(argv=None) -> dict:
   os.makedirs(run_dir, exist_ok=True)
   runs, trees, shifts = [], {}, {}
   for bits in args.bits:
-    trees[("ptq", bits)] = cx.optim.finalize(base_params, bits)
-    trees[("ptq_bucket", bits)] = cx.optim.finalize(
-        base_params, bits, bucket_size=args.bucket_size)
-    qat = fit(init_params, args.lr, args.epochs, f"qat {bits}b",
-              loss_fn=student_loss(model, args, bits=bits))
-    trees[("qat", bits)] = cx.optim.finalize(qat, bits, bucket_size=args.bucket_size)
-    qd = fit(init_params, args.lr, args.epochs, f"qdistill {bits}b",
-             loss_fn=student_loss(model, args, bits=bits, **kd))
-    trees[("qdistill", bits)] = cx.optim.finalize(qd, bits, bucket_size=args.bucket_size)
+    per_tensor = uniform_plan(bits, None)
+    trees[("ptq", bits)] = per_tensor.finalize(per_tensor.init(base_params))
+    plan = uniform_plan(bits, args.bucket_size)
+    trees[("ptq_bucket", bits)] = plan.finalize(plan.init(base_params))
+    # QAT and quantized distillation train plan.init's tree: the float32
+    # shadow weights (and the Uniform method's empty side state).
+    qat = fit(plan.init(init_params), args.lr, args.epochs, f"qat {bits}b",
+              loss_fn=student_loss(model, args, plan=plan), plan=plan)
+    trees[("qat", bits)] = plan.finalize(qat)
+    qd = fit(plan.init(init_params), args.lr, args.epochs, f"qdistill {bits}b",
+             loss_fn=student_loss(model, args, plan=plan, **kd), plan=plan)
+    trees[("qdistill", bits)] = plan.finalize(qd)
     trees[("diffquant", bits)], shifts[str(bits)] = train_points(
         model, dist_params, teacher, teacher_params, ds, bits, args)
     for method in METHODS:

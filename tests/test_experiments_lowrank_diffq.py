@@ -154,7 +154,10 @@ def test_diffq_smoke_results_agree_with_files(tmp_path):
   from experiments import diffq
   out = tmp_path / "dq"
   # lenet300 on 8x8 digits is the smallest setting (LeNet-5 needs 28x28).
-  with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict
+  # compressax's DeprecationWarnings are errors: only the method layer is used.
+  with jax.numpy_dtype_promotion("standard"), warnings.catch_warnings():  # Adam
+    warnings.filterwarnings("error", message=r"cx\.\S+ is deprecated",
+                            category=DeprecationWarning)
     res = diffq.main(["--model", "lenet300", "--epochs", "1", "--qat-epochs", "1",
                       "--batch-size", "256", "--lambdas", "0", "10",
                       "--qat-bits", "3", "--quiet", "--out", str(out)])

@@ -4,14 +4,19 @@ One tiny run (one epoch per stage, digits) is shared by the smoke checks:
 every run's file agrees with ``results.json`` (bytes, ratio, error
 re-measured with NumPy from the loaded weights), each method's file holds
 the node it should (per-tensor vs bucketed uniform codes, learned points),
-and ``ordering`` follows from the recorded errors.
+and ``ordering`` follows from the recorded errors. The run turns compressax's
+DeprecationWarnings into errors: the experiment uses only the method layer.
 """
 
 import json
 import math
 import os
+import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import compressax as cx
@@ -20,13 +25,28 @@ from experiments import models as models_lib
 from experiments import quantized_distillation as qd
 
 
+# The message of every compressax DeprecationWarning (compressax._deprecation).
+DEPRECATED = r"cx\.\S+ is deprecated"
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("qd")
-  res = qd.main(["--teacher-epochs", "1", "--epochs", "1", "--dq-epochs", "1",
-                 "--batch-size", "128", "--bits", "4", "2", "--quiet",
-                 "--no-plot", "--out", str(out)])
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=DEPRECATED, category=DeprecationWarning)
+    res = qd.main(["--teacher-epochs", "1", "--epochs", "1", "--dq-epochs", "1",
+                   "--batch-size", "128", "--bits", "4", "2", "--quiet",
+                   "--no-plot", "--out", str(out)])
   return out, res
+
+
+def test_smoke_runs_without_deprecated_api(smoke):
+  """The smoke run above finished with compressax's deprecations as errors."""
+  _, res = smoke
+  assert res["model_cx_method"] == "qdistill-4bit"
+  with pytest.raises(DeprecationWarning), warnings.catch_warnings():
+    warnings.filterwarnings("error", message=DEPRECATED, category=DeprecationWarning)
+    cx.optim.quantized_params({"w": np.ones((4, 4), np.float32)}, 4)
 
 
 def _np_error(dense):
@@ -130,6 +150,40 @@ def test_ordering_claims_on_synthetic_errors():
   assert o["distilled_fp32_beats_fp32"] is True
   # Two standard errors at p = 0.1 on 1000 examples.
   assert qd.comparable_margin(0.1, 0.1, 1000) == pytest.approx(2 * math.sqrt(0.09 / 1000))
+
+
+def test_points_train_like_diff_quant_points():
+  """``Points(learning_rate=...)`` in a plan takes the steps the experiment
+  took before (``cx.optim.diff_quant_points`` over SGD, Nesterov 0.9): the
+  points re-sorted and clipped to [0, 1], the fixed weights untouched."""
+  w = jax.random.normal(jax.random.key(0), (64, 8))
+  params = {"k": {"kernel": w, "bias": jnp.zeros(8)}}
+  schedule = qd._cosine(0.01, 4)  # large: points cross and hit the bounds
+  plan = cx.Plan(cx.methods.Points(4, bucket_size=None, init_method="quantiles",
+                                   straight_through=False, learning_rate=schedule))
+  train = plan.init(params)
+  tx = plan.optimizer(optax.set_to_zero())
+  state = tx.init(train)
+  ref = cx.optim.diff_quant_points(optax.sgd(schedule, momentum=0.9, nesterov=True))
+  points = train["aux"]["k"]["kernel"]["points"]
+  ref_state = ref.init(points)
+
+  c = jax.random.normal(jax.random.key(1), w.shape)
+
+  def loss(t):  # pushes the points both ways
+    return jnp.sum(c * plan.view(t)["k"]["kernel"])
+
+  for _ in range(4):
+    g = jax.grad(loss)(train)
+    u, state = tx.update(g, state, train)
+    train = optax.apply_updates(train, u)
+    u, ref_state = ref.update(g["aux"]["k"]["kernel"]["points"], ref_state, points)
+    points = optax.apply_updates(points, u)
+    np.testing.assert_array_equal(train["aux"]["k"]["kernel"]["points"], points)
+  assert np.all(np.diff(np.asarray(points)) >= 0)
+  assert float(points.min()) >= 0.0 and float(points.max()) <= 1.0
+  assert train["params"]["k"]["kernel"] is w or np.array_equal(
+      train["params"]["k"]["kernel"], w)
 
 
 def test_flag_errors():
