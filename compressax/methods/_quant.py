@@ -25,6 +25,15 @@ __all__ = ["DiffQ", "KMeans", "LSQ", "Points", "Uniform"]
 _ALL = lambda path, leaf: True  # noqa: E731 (a single-leaf tree: take it)
 
 
+@jax.custom_vjp
+def _clip_unit(p):
+  """``clip(p, 0, 1)`` with a straight-through gradient."""
+  return jnp.clip(p, 0.0, 1.0)
+
+
+_clip_unit.defvjp(lambda p: (_clip_unit(p), None), lambda _, g: (g,))
+
+
 def _check_bits(name: str, bits, lo: int = 1, hi: int = 16) -> None:
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
     raise TypeError(f"{name}: bits must be a Python int, got {bits!r}")
@@ -217,7 +226,9 @@ class Points(Method):
   def _points(aux):
     # Trained points may leave [0, 1] or cross: the view and the stored node
     # use them clipped to the scaled domain (and sorted, as nearest_point does).
-    return jnp.clip(aux["points"], 0.0, 1.0)
+    # The clip passes the gradient straight through, so a point lying on a
+    # bound gets its whole gradient (jnp.clip would halve it there).
+    return _clip_unit(aux["points"])
 
   def view(self, w, aux, key):
     return _quantize.nearest_point(w, self._points(aux),
