@@ -32,21 +32,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import compressax as cx
-from experiments import models_lm
+from experiments.llm import models as models_lm
 from experiments import train as train_lib
 
 MODULE = "experiments.oneshot"
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                    "tinyshakespeare.txt")
+DATA = "../shared/data/tinyshakespeare.txt"   # beside the checkout, as the MNIST file
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=train_lib.HelpFormatter)
-  p.add_argument("--model", default="smollm2-135m", choices=sorted(models_lm.WHEELS))
+  p.add_argument("--model", default="smollm2-135m", choices=sorted(models_lm.WHEELS),
+                 help="the pretrained model")
   p.add_argument("--method", default="gptq",
-                 choices=["none", "rtn", "gptq", "sparsegpt", "wanda", "magnitude"])
+                 choices=["none", "rtn", "gptq", "sparsegpt", "wanda", "magnitude"],
+                 help="the one-shot method of every block kernel (none: float)")
   p.add_argument("--bits", type=int, default=4, help="bits (rtn, gptq; sparsegpt joint)")
   p.add_argument("--group-size", type=int, default=None,
                  help="input rows per grid (default: one grid per output column)")
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--n-m", default=None, help="N:M pattern, keep N of M (e.g. 2:4)")
   p.add_argument("--one-pass", action="store_true",
                  help="calibrate every block on the float model's activations")
-  p.add_argument("--data", default=DATA, help="the text file")
+  p.add_argument("--data", default=DATA, help="the text file (run from the repo root)")
   p.add_argument("--context", type=int, default=512, help="tokens per window")
   p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
   p.add_argument("--max-eval-windows", type=int, default=None,

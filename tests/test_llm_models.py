@@ -1,4 +1,4 @@
-"""experiments.models_lm and experiments.oneshot on tiny random checkpoints.
+"""experiments.llm.models and experiments.oneshot on tiny random checkpoints.
 
 The files are written here in the real formats (GGUF with Q4_1/Q8_0 tensors,
 safetensors + tokenizer.json in a zip) with tiny configs: no real weights.
@@ -18,7 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import compressax as cx  # noqa: E402
-from experiments import models_lm as M  # noqa: E402
+from experiments.llm import models as M  # noqa: E402
 from experiments import oneshot  # noqa: E402
 
 CFG = M.LlamaConfig(vocab=0, width=32, layers=2, heads=4, kv_heads=2, ffn=64,

@@ -1,0 +1,1 @@
+"""Pretrained transformers (SmolLM2, MiniLM) for ``experiments.oneshot``."""
