@@ -7,7 +7,9 @@ and of the reference code's ``fasterquant`` loop (IST-DASLab/gptq, per output
 channel asymmetric min/max grid, lazy blocks of 128, damp 0.01; PyTorch on
 CPU, float32), measured in the same run, and both layer errors
 ``||X W - X W_hat||^2 / ||X W||^2``. Same bits, grid and order, so the errors
-should agree to float rounding.
+should agree to float rounding ("weights differing": entries of the two
+quantized kernels further apart than rtol 1e-4: a rounding tie decided the
+other way moves a weight by one grid step).
 
 Run ``python benchmarks/oneshot.py`` (needs ``pip install torch``;
 ``--bits 3``, ``--group-size 128``, ``--repeats N``).
@@ -101,7 +103,7 @@ def main():
   print(f"bits {args.bits}, group {args.group_size}, {args.tokens} tokens, "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
   print("| kernel (d_in x d_out) | cx.oneshot.gptq s | PyTorch reference s | ratio | "
-        "cx error | reference error | codes differing |")
+        "cx error | reference error | weights differing |")
   print("|---|---|---|---|---|---|---|")
   for d_in, d_out in [(576, 1536), (2048, 2048)]:
     mix = rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
@@ -122,7 +124,7 @@ def main():
     def err(wh):
       return float(np.sum((y - x @ wh) ** 2) / np.sum(y ** 2))
     print(f"| {d_in} x {d_out} | {t_ours:.3f} | {t_ref:.3f} | {t_ref / t_ours:.2f}x | "
-          f"{err(ours):.5f} | {err(ref):.5f} | {np.mean(ours != ref):.2%} |")
+          f"{err(ours):.5f} | {err(ref):.5f} | {np.mean(~np.isclose(ours, ref, rtol=1e-4, atol=1e-6)):.3%} |")
 
 
 if __name__ == "__main__":
