@@ -31,7 +31,7 @@ def where_str(path) -> str:
   return display_path(path)
 
 
-def fail(path, message: str, exc=ValueError):
+def fail(path, message: str, exc: type[Exception] = ValueError):
   raise exc(f"{where_str(path)}: {message}")
 
 

@@ -32,11 +32,13 @@ Define one with::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_T = TypeVar("_T")
 
 _REGISTRY: dict[str, type] = {}
 
@@ -98,7 +100,20 @@ class CompressedLeaf:
     return out if dtype is None else out.astype(dtype)
 
 
-def compressed_leaf(cls: type | None = None, *, name: str | None = None,
+@overload
+def compressed_leaf(cls: type[_T], *, name: str | None = ..., version: int = ...,
+                    sparse_mask: str | None = ...,
+                    pointwise: tuple[str, ...] = ...) -> type[_T]: ...
+
+
+@overload
+def compressed_leaf(cls: None = ..., *, name: str | None = ...,
+                    version: int = ..., sparse_mask: str | None = ...,
+                    pointwise: tuple[str, ...] = ...
+                    ) -> Callable[[type[_T]], type[_T]]: ...
+
+
+def compressed_leaf(cls=None, *, name: str | None = None,
                     version: int = 1, sparse_mask: str | None = None,
                     pointwise: tuple[str, ...] = ()):
   """Class decorator: register a frozen dataclass as a compressed leaf node.
