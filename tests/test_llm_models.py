@@ -8,18 +8,16 @@ import json
 import os
 import zipfile
 
-import jax
+import gguf  # the test extra installs gguf, tokenizers, safetensors: no skip
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import tokenizers
 
-gguf = pytest.importorskip("gguf")
-tokenizers = pytest.importorskip("tokenizers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
-
-import compressax as cx  # noqa: E402
-from experiments.llm import models as M  # noqa: E402
-from experiments import oneshot  # noqa: E402
+import compressax as cx
+from experiments.llm import models as M
+from experiments import oneshot
 
 CFG = M.LlamaConfig(vocab=0, width=32, layers=2, heads=4, kv_heads=2, ffn=64,
                     rope_base=1e4, eps=1e-5)
