@@ -100,6 +100,27 @@ class CompressedLeaf:
     return out if dtype is None else out.astype(dtype)
 
 
+def check_codes(codes, shape, *, bits=None, table: int | None = None,
+                what: str = "entries") -> np.ndarray:
+  """For ``validate()``: integer codes of the dense ``shape`` that fit.
+
+  ``bits``: unsigned codes below ``2**bits``; ``table``: codes indexing a
+  table of that many ``what`` (centroids, points). Returns the codes as NumPy.
+  """
+  codes = np.asarray(codes)
+  kind = np.unsignedinteger if bits is not None else np.integer
+  if codes.shape != tuple(shape) or not np.issubdtype(codes.dtype, kind):
+    raise ValueError(f"codes must be {'unsigned ' if bits is not None else ''}"
+                     f"ints of shape {tuple(shape)}, got "
+                     f"{codes.dtype}{list(codes.shape)}")
+  if bits is not None and codes.size and int(codes.max()) >> int(bits):
+    raise ValueError(f"a code does not fit in {bits} bits")
+  if table is not None and codes.size and (
+      int(codes.min()) < 0 or int(codes.max()) >= table):
+    raise ValueError(f"codes must index {table} {what}")
+  return codes
+
+
 @overload
 def compressed_leaf(cls: type[_T], *, name: str | None = ..., version: int = ...,
                     sparse_mask: str | None = ...,

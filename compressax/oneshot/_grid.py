@@ -151,12 +151,7 @@ class GroupQuantizedArray(_node.CompressedLeaf):
     if len(shape) != 2:
       raise ValueError(f"a kernel (d_in, d_out) is 2-D, got shape {shape}")
     d_in, d_out = shape
-    codes = np.asarray(self.codes)
-    if codes.shape != shape or not np.issubdtype(codes.dtype, np.unsignedinteger):
-      raise ValueError(f"codes must be unsigned ints of shape {shape}, got "
-                       f"{codes.dtype}{list(codes.shape)}")
-    if codes.size and int(codes.max()) >> int(bits):
-      raise ValueError(f"a code does not fit in {bits} bits")
+    _node.check_codes(self.codes, shape, bits=bits)
     index = np.asarray(self.group_index)
     n_groups = 1 if gs is None else -(-d_in // gs)
     if index.size:

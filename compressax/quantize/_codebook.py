@@ -30,6 +30,7 @@ import numpy as np
 from compressax import _checks
 from compressax import _sharding
 from compressax._node import CompressedLeaf
+from compressax._node import check_codes
 from compressax._node import compressed_leaf
 
 __all__ = ["CodebookArray", "allocate_points", "nearest_point", "points_init"]
@@ -90,15 +91,11 @@ class CodebookArray(CompressedLeaf):
   def validate(self) -> None:
     """Codes of the dense shape, each indexing the 1-D codebook."""
     super().validate()
-    codes, cents = np.asarray(self.codes), np.asarray(self.centroids)
+    cents = np.asarray(self.centroids)
     if cents.ndim != 1 or not cents.size or not np.issubdtype(cents.dtype, np.floating):
       raise ValueError(f"centroids must be a non-empty 1-D float array, got "
                        f"{cents.dtype}{list(cents.shape)}")
-    if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f"codes must be ints of shape {tuple(self.shape)}, got "
-                       f"{codes.dtype}{list(codes.shape)}")
-    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= cents.size):
-      raise ValueError(f"codes must index {cents.size} centroids")
+    check_codes(self.codes, self.shape, table=cents.size, what="centroids")
 
 
 def _bucketed(x, bucket_size):

@@ -24,6 +24,7 @@ import numpy as np
 
 from compressax import _checks
 from compressax._node import CompressedLeaf
+from compressax._node import check_codes
 from compressax._node import compressed_leaf
 # Shared with `nearest_point`, so that both assign every value to the same
 # point and `materialize()` reproduces its forward pass bit for bit.
@@ -103,11 +104,7 @@ class PointsArray(CompressedLeaf):
     if pts.ndim != 1 or not pts.size or not np.issubdtype(pts.dtype, np.floating):
       raise ValueError(f"points must be a non-empty 1-D float array, got "
                        f"{pts.dtype}{list(pts.shape)}")
-    if codes.shape != tuple(self.shape) or not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f"codes must be ints of shape {tuple(self.shape)}, got "
-                       f"{codes.dtype}{list(codes.shape)}")
-    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= pts.size):
-      raise ValueError(f"codes must index {pts.size} points")
+    check_codes(codes, self.shape, table=pts.size, what="points")
     n = 1 if b is None else -(-self.size // b)
     for name in ("alpha", "beta"):
       v = np.asarray(getattr(self, name))

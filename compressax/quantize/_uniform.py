@@ -442,12 +442,7 @@ class QuantizedArray(_node.CompressedLeaf):
     b = self.bucket_size
     if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
       raise ValueError(f"bucket_size must be None or an int >= 1, got {b!r}")
-    codes = np.asarray(self.codes)
-    if codes.shape != shape or not np.issubdtype(codes.dtype, np.unsignedinteger):
-      raise ValueError(f"codes must be unsigned ints of shape {shape}, got "
-                       f"{codes.dtype}{list(codes.shape)}")
-    if codes.size and int(codes.max()) >> int(bits):
-      raise ValueError(f"a code does not fit in {bits} bits")
+    _node.check_codes(self.codes, shape, bits=bits)
     n = math.prod(_Layout(shape, axes, b).scale_shape) if math.prod(shape) else None
     for name, want in (("scale", n), ("offset", 0 if self.symmetric else n)):
       v = np.asarray(getattr(self, name))
