@@ -69,15 +69,20 @@ def test_every_name_in_all_exists(name):
   assert not missing, f"{name}.__all__ lists missing names: {missing}"
 
 
-@pytest.mark.parametrize("page", _pages())
-def test_every_name_in_a_docs_table_exists(page):
-  names = _table_names(ROOT / "docs" / page)
+def _unresolved(names) -> list[str]:
+  """The names (with the reason) that do not resolve to a public object."""
   bad = []
   for n in sorted(set(names)):
     try:
       _resolve(n)
     except AttributeError as e:
       bad.append(f"{n} ({e})")
+  return bad
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_every_name_in_a_docs_table_exists(page):
+  bad = _unresolved(_table_names(ROOT / "docs" / page))
   assert not bad, f"docs/{page} tables list names that do not exist: {bad}"
 
 
@@ -91,12 +96,7 @@ def test_api_tables_are_checked():
 def test_every_name_in_the_readme_table_exists():
   names = _table_names(ROOT / "README.md")
   assert len(names) > 30, "the README's API table was not found"
-  bad = []
-  for n in sorted(set(names)):
-    try:
-      _resolve(n)
-    except AttributeError as e:
-      bad.append(f"{n} ({e})")
+  bad = _unresolved(names)
   assert not bad, f"README.md lists names that do not exist: {bad}"
 
 
