@@ -14,6 +14,7 @@ from compressax import methods
 from compressax import optim
 from compressax import prune
 from compressax import quantize
+from compressax import weightless
 from compressax._node import CompressedLeaf
 from compressax._plan import Plan
 from compressax._rules import Rule
@@ -67,4 +68,5 @@ __all__ = [
     "selected_leaves",
     "size_report",
     "storage_bits",
+    "weightless",
 ]

@@ -17,6 +17,7 @@ from compressax.methods._quant import KMeans
 from compressax.methods._quant import LSQ
 from compressax.methods._quant import Points
 from compressax.methods._quant import Uniform
+from compressax.methods._weightless import Weightless
 
 __all__ = ["Chain", "Channel", "DiffQ", "KMeans", "LSQ", "LowRank",
-           "Magnitude", "Method", "NM", "Points", "Uniform"]
+           "Magnitude", "Method", "NM", "Points", "Uniform", "Weightless"]
