@@ -15,6 +15,7 @@ from compressax import optim
 from compressax import prune
 from compressax import quantize
 from compressax import weightless
+from compressax import run
 from compressax._node import CompressedLeaf
 from compressax._plan import Plan
 from compressax._rules import Rule
@@ -63,6 +64,7 @@ __all__ = [
     "per_leaf",
     "prune",
     "quantize",
+    "run",
     "save",
     "select",
     "selected_leaves",

@@ -1,0 +1,316 @@
+"""Running SmolLM2-135M from compressed kernels: tokens/s, memory, perplexity.
+
+Every block kernel of SmolLM2-135M (``experiments/llm/models.py``; the
+embedding, tied head and norms stay float32) is stored as
+
+* ``float32``: the dense kernels (the baseline);
+* ``int8``: weight-only int8, symmetric per output column (``cx.oneshot.rtn``
+  ``bits=8, symmetric=True``), dequantized at use;
+* ``int4-g128``: weight-only 4-bit, asymmetric, groups of 128 input rows
+  (``rtn`` ``bits=4, group_size=128``), two codes per byte, dequantized at use;
+* ``w8a8``: the int8 kernels with int8 per-token activations, integer
+  matmuls (``cx.run.pack(..., activations=8)``);
+
+written with ``cx.save`` and evaluated by a fresh process per variant and
+batch size that reads the file with ``cx.load(keep_compressed=True)`` and runs
+the jitted forward with ``cx.run.intercept()`` (each kernel decoded at its
+layer). The forward is the evaluation: summed next-token NLL of ``(batch,
+context)`` windows, the head computed 128 positions at a time (the same
+function for every variant). Measured per process:
+
+* ``tokens/s``: ``batch * context`` over the median wall time of
+  ``--repeats`` calls, after a warm-up call;
+* ``xla``: XLA's ``compiled.memory_analysis()``: argument + temp + output
+  bytes of the compiled forward (what the forward needs, runtime excluded);
+* ``rss_eval``: the peak resident set size sampled every 2 ms during the timed
+  calls (the process as it evaluates: runtime, codes, buffers);
+* ``maxrss``: ``ru_maxrss`` of the whole process (file loading included);
+* ``ppl``: perplexity on ``--ppl-windows`` windows of the last 10% of
+  tiny-shakespeare (the windows of ``experiments.oneshot``). For the
+  compressed variants also ``ppl_materialized``: the same kernels
+  materialized to float32 first.
+
+``qwix-*`` rows run Qwix's PTQ provider (``qwix.quantize_model`` on the block,
+``qwix.quantize_params``) on the same model, formats and batches, quantizing
+in the worker from the float32 file (so their ``maxrss`` includes the float
+weights; ``rss_eval`` and ``xla`` are comparable).
+
+Run ``python benchmarks/inference.py`` (``--context``, ``--batches``,
+``--repeats``, ``--variants``, ``--ppl-windows`` for quicker runs; needs the
+``llm`` extra and, for the qwix rows, ``qwix`` from the ``bench`` extra).
+Results go to ``runs/inference/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import compressax as cx  # noqa: E402
+from experiments.llm import models as models_lm  # noqa: E402
+
+VARIANTS = ["float32", "int8", "int4-g128", "w8a8", "qwix-int8", "qwix-int4-g128",
+            "qwix-w8a8"]
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    "..", "shared", "data", "tinyshakespeare.txt")
+CHUNK = 128
+
+
+def compress(variant: str, params):
+  """The params of a variant: block kernels as nodes (or float32)."""
+  if variant == "float32":
+    return params
+  kw = {"int8": dict(bits=8, symmetric=True), "w8a8": dict(bits=8, symmetric=True),
+        "int4-g128": dict(bits=4, group_size=128)}[variant]
+  blocks = [cx.map_selected(lambda p, w: cx.oneshot.rtn(w, **kw, path=p), b)
+            for b in params["blocks"]]
+  blocks = cx.run.pack(blocks, activations=8 if variant == "w8a8" else None)
+  return dict(params, blocks=blocks)
+
+
+def to_tree(params):
+  return dict(params, blocks={f"block_{i:02d}": b for i, b in enumerate(params["blocks"])})
+
+
+def from_tree(tree):
+  return dict(tree, blocks=[tree["blocks"][k] for k in sorted(tree["blocks"])])
+
+
+def make_nll(model, block_apply):
+  """Summed next-token NLL of ``tokens (batch, context)``, head in chunks."""
+  cfg = model.cfg
+
+  def nll(params, tokens):
+    x = model.embed(params, tokens)
+    for p in params["blocks"]:
+      x = block_apply(p, x)
+    x = models_lm.RMSNorm(cfg.eps).apply({"params": params["norm"]}, x)
+    b, s, d = x.shape
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    weight = (jnp.arange(s) < s - 1).astype(jnp.float32)
+    n = s // CHUNK
+
+    def chunk(args):
+      xc, tc, wc = args
+      logp = jax.nn.log_softmax(xc @ params["embed"].T, axis=-1)
+      return -jnp.sum(jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0] * wc[None])
+
+    xs = (jnp.moveaxis(x.reshape(b, n, CHUNK, d), 1, 0),
+          jnp.moveaxis(targets.reshape(b, n, CHUNK), 1, 0), weight.reshape(n, CHUNK))
+    return jnp.sum(jax.lax.map(chunk, xs))
+
+  return nll
+
+
+def _rss() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Sampler:
+  """The peak RSS over a stretch of time, sampled every 2 ms in a thread."""
+
+  def __enter__(self):
+    self.peak, self._stop = _rss(), threading.Event()
+    self._t = threading.Thread(target=self._run, daemon=True)
+    self._t.start()
+    return self
+
+  def _run(self):
+    while not self._stop.wait(0.002):
+      self.peak = max(self.peak, _rss())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._t.join()
+
+
+def _qwix_setup(variant, model, params):
+  import qwix
+  fmt = variant.removeprefix("qwix-")
+  rule = dict(module_path=r"(q|k|v|o|gate|up|down)")
+  if fmt == "int8":
+    rule.update(weight_qtype=jnp.int8)
+  elif fmt == "int4-g128":
+    rule.update(weight_qtype=jnp.int4, tile_size=128)
+  else:
+    rule.update(weight_qtype=jnp.int8, act_qtype=jnp.int8, act_batch_axes=(0, 1))
+  x = jnp.zeros((1, CHUNK, model.cfg.width))
+  qblock = qwix.quantize_model(model.block, qwix.PtqProvider([qwix.QuantizationRule(**rule)]))
+  abstract = jax.eval_shape(qblock.init, jax.random.key(0), x)["params"]
+  blocks = [qwix.quantize_params(b, abstract) for b in params["blocks"]]
+  return dict(params, blocks=blocks), lambda p, h: qblock.apply({"params": p}, h)
+
+
+def _ppl(sums, context) -> float:
+  return float(np.exp(sum(sums) / (len(sums) * (context - 1))))
+
+
+def worker(args) -> dict:
+  """One variant at one batch size, in its own process."""
+  out = {"variant": args.variant, "batch": args.batch, "context": args.context}
+  with open(os.path.join(args.out, "config.json")) as f:
+    model = models_lm.Llama(models_lm.LlamaConfig(**json.load(f)))
+  qwix_run = args.variant.startswith("qwix-")
+  name = "float32" if qwix_run else args.variant
+  tree = cx.load(os.path.join(args.out, f"{name}.cx"), keep_compressed=True)
+  params = jax.tree.map(jnp.asarray, from_tree(tree))
+  del tree
+  block_apply = model.block_apply
+  if qwix_run:
+    params, block_apply = _qwix_setup(args.variant, model, params)
+  out["param_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(params))
+  windows = np.load(os.path.join(args.out, "windows.npy"))
+  tokens = jnp.asarray(np.resize(windows, (args.batch, args.context)))
+  nll = make_nll(model, block_apply)
+  with cx.run.intercept():
+    compiled = jax.jit(nll).lower(params, tokens).compile()
+  mem = compiled.memory_analysis()
+  out["xla_bytes"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                         + mem.output_size_in_bytes)
+  out["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
+  compiled(params, tokens).block_until_ready()
+  times = []
+  with _Sampler() as s:
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      compiled(params, tokens).block_until_ready()
+      times.append(time.perf_counter() - t)
+  out["seconds"] = float(np.median(times))
+  out["tokens_per_s"] = args.batch * args.context / out["seconds"]
+  out["rss_eval_bytes"] = s.peak
+  if args.ppl_windows:
+    evals = [jnp.asarray(w[None]) for w in windows[:args.ppl_windows]]
+    with cx.run.intercept():
+      f = compiled if args.batch == 1 else jax.jit(nll)
+      out["ppl"] = _ppl([float(f(params, w)) for w in evals], args.context)
+    if args.variant != "float32" and not qwix_run:
+      dense, f = cx.materialize(params), jax.jit(nll)
+      out["ppl_materialized"] = _ppl([float(f(dense, w)) for w in evals], args.context)
+  out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return out
+
+
+def floor_worker(args) -> dict:
+  """The runtime alone: jax and compressax imported, one tiny jitted call."""
+  jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()
+  return {"variant": "runtime", "rss_bytes": _rss(),
+          "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def prepare(args, variants):
+  os.makedirs(args.out, exist_ok=True)
+  model, params, tok = models_lm.load("smollm2-135m", args.cache)
+  with open(os.path.join(args.out, "config.json"), "w") as f:
+    f.write(models_lm.config_json(model))
+  text = open(args.data, encoding="utf-8").read()
+  ids = np.asarray(tok.encode(text[int(0.9 * len(text)):]).ids, np.int32)
+  n = len(ids) // args.context
+  np.save(os.path.join(args.out, "windows.npy"),
+          ids[:n * args.context].reshape(n, args.context))
+  for v in {"float32"} | {v for v in variants if not v.startswith("qwix-")}:
+    cx.save(os.path.join(args.out, f"{v}.cx"), to_tree(compress(v, params)))
+  return {"variant": "prepare"}
+
+
+def table(rows, floor) -> str:
+  base = {r["batch"]: r for r in rows if r["variant"] == "float32"}
+  lines = ["| variant | batch | tokens/s | x float32 | XLA bytes (MB) | x float32 | "
+           "RSS eval (MB) | x float32 | RSS - runtime | x float32 | ppl | "
+           "ppl materialized |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    b = base.get(r["batch"])
+    if b is None or "error" in r:
+      lines.append(f"| {r['variant']} | {r['batch']} | {r.get('error', 'no baseline')} |"
+                   + " |" * 9)
+      continue
+    net, bnet = r["rss_eval_bytes"] - floor, b["rss_eval_bytes"] - floor
+    ppl = f"{r['ppl']:.4f}" if "ppl" in r else ""
+    pm = f"{r['ppl_materialized']:.4f}" if "ppl_materialized" in r else ""
+    lines.append(
+        f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+        f"{r['tokens_per_s'] / b['tokens_per_s']:.2f} | {r['xla_bytes'] / 1e6:.0f} | "
+        f"{r['xla_bytes'] / b['xla_bytes']:.2f} | {r['rss_eval_bytes'] / 1e6:.0f} | "
+        f"{r['rss_eval_bytes'] / b['rss_eval_bytes']:.2f} | {net / 1e6:.0f} | "
+        f"{net / bnet:.2f} | {ppl} | {pm} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--context", type=int, default=512, help="tokens per window (multiple of 128)")
+  p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+  p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+  p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+  p.add_argument("--ppl-windows", type=int, default=4,
+                 help="perplexity windows (measured at the first batch size; 0: none)")
+  p.add_argument("--data", default=DATA, help="tiny-shakespeare")
+  p.add_argument("--cache", default=models_lm.CACHE, help="model file cache")
+  p.add_argument("--out", default="runs/inference", help="output directory")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.context % CHUNK:
+    p.error(f"--context must be a multiple of {CHUNK}")
+  variants = args.variants.split(",")
+  if "float32" not in variants:
+    variants = ["float32"] + variants
+  if args.worker:
+    args.variant = args.worker
+    out = (floor_worker(args) if args.worker == "runtime" else
+           prepare(args, variants) if args.worker == "prepare" else worker(args))
+    print(json.dumps(out))
+    return
+  batches = [int(b) for b in args.batches.split(",")]
+  start = time.time()
+  rows = []
+  common = ["--context", str(args.context), "--repeats", str(args.repeats),
+            "--out", args.out, "--cache", args.cache, "--variants", ",".join(variants),
+            "--data", args.data]
+  # Large blocks freed by a worker go back to the OS (glibc would otherwise
+  # keep them as heap, and resident).
+  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+  def run(variant, batch, ppl):
+    # Workers start from this small process (ru_maxrss survives fork and exec).
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant,
+           "--batch", str(batch), "--ppl-windows", str(ppl)] + common
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+      return {"variant": variant, "batch": batch,
+              "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+  run("prepare", 1, 0)
+  load = os.getloadavg()
+  floor = run("runtime", 1, 0)
+  for i, batch in enumerate(batches):
+    for v in variants:
+      rows.append(run(v, batch, args.ppl_windows if i == 0 else 0))
+      print(json.dumps(rows[-1]), flush=True)
+  result = {"command": "python benchmarks/inference.py " + " ".join(argv or sys.argv[1:]),
+            "loadavg_start": load, "loadavg_end": os.getloadavg(),
+            "cpus": os.cpu_count(), "jax": jax.__version__, "runtime": floor, "rows": rows,
+            "wall_time_s": time.time() - start}
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(table(rows, floor["rss_bytes"]))
+  print(f"load average {load} -> {result['loadavg_end']}; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+  main()
