@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Sequence
 
@@ -152,6 +153,37 @@ def _kernel_path(module_path) -> str:
   return "/".join((*module_path, "kernel"))
 
 
+@functools.lru_cache(maxsize=16)
+def _hessian_step(apply: Callable, paths: tuple, mesh, axis_name: str):
+  """The jitted ``step(params, hidden, acc) -> acc`` of :func:`block_hessians`.
+
+  Cached on its arguments, so the blocks of one model (same ``apply``, same
+  kernel paths and shapes) share one compiled program instead of tracing and
+  compiling a new closure per block.
+  """
+  name = axis_name if mesh is not None else None
+
+  def step(params, hidden, acc):
+    _, seen = _dense_inputs(apply, params, hidden)
+    found = {_kernel_path(k): v for k, v in seen.items()}
+    out = {}
+    for p in paths:
+      if p not in found:
+        raise ValueError(f"{p}: no nn.Dense layer of the block has this "
+                         f"kernel (found {sorted(found)})")
+      h, n = acc[p]
+      for x in found[p]:
+        h, n = _hessian.hessian_update(h, n, x, axis_name=name, path=p)
+      out[p] = (h, n)
+    return out
+
+  if mesh is None:
+    return jax.jit(step)
+  return jax.jit(jax.shard_map(step, mesh=mesh,
+                               in_specs=(P(), P(axis_name), P()),
+                               out_specs=P(), check_vma=False))
+
+
 def block_hessians(apply: Callable, params, batches: Sequence[jax.Array],
                    paths: Sequence[str], *, mesh=None,
                    axis_name: str = "data"):
@@ -172,34 +204,16 @@ def block_hessians(apply: Callable, params, batches: Sequence[jax.Array],
   paths = tuple(paths)
   if not paths:
     return {}
-  name = axis_name if mesh is not None else None
-
-  def step(params, hidden, acc):
-    _, seen = _dense_inputs(apply, params, hidden)
-    found = {_kernel_path(k): v for k, v in seen.items()}
-    out = {}
-    for p in paths:
-      if p not in found:
-        raise ValueError(f"{p}: no nn.Dense layer of the block has this "
-                         f"kernel (found {sorted(found)})")
-      h, n = acc[p]
-      for x in found[p]:
-        h, n = _hessian.hessian_update(h, n, x, axis_name=name, path=p)
-      out[p] = (h, n)
-    return out
-
   leaves = {_select.path_str(k): v for k, v in
             jax.tree_util.tree_flatten_with_path(params)[0]}
   acc = {}
   for p in paths:
     d = leaves[p].shape[0]
     acc[p] = (jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.float32))
-  if mesh is None:
-    fn = jax.jit(step)
-  else:
-    fn = jax.jit(jax.shard_map(step, mesh=mesh,
-                               in_specs=(P(), P(axis_name), P()),
-                               out_specs=P(), check_vma=False))
+  try:
+    fn = _hessian_step(apply, paths, mesh, axis_name)
+  except TypeError:   # an unhashable `apply`: no cache, one compile per call
+    fn = _hessian_step.__wrapped__(apply, paths, mesh, axis_name)
   for x in batches:
     if mesh is not None:
       x = jax.device_put(x, NamedSharding(mesh, P(axis_name)))
