@@ -9,9 +9,10 @@ baseline), writes ``model.cx`` and ``results.json``, and measures the model
 SmolLM2: perplexity on the last 10% of tiny-shakespeare, non-overlapping
 windows of ``--context`` tokens (no BOS); calibration: ``--calib-tokens``
 tokens in random windows of the first 90%. The float model is the
-dequantized Q4_1 checkpoint. MiniLM: calibration on lines of the first 90%,
-and the mean cosine similarity of the compressed model's sentence embeddings
-to the float model's on lines of the last 10% (``perplexity`` is then absent).
+dequantized Q4_1 checkpoint. MiniLM: calibration on lines of the first 90%;
+on ``--eval-lines`` lines of the last 10%, the mean cosine similarity of the
+compressed model's sentence embeddings to the float model's and the recall@10
+of each line's float nearest neighbours (``perplexity`` is then absent).
 Embeddings, norms and biases stay float32.
 
 Example:
@@ -52,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--group-size", type=int, default=None,
                  help="input rows per grid (default: one grid per output column)")
   p.add_argument("--act-order", action="store_true", help="GPTQ rows by descending diag H")
+  p.add_argument("--joint", action="store_true",
+                 help="sparsegpt: also quantize the kept weights to --bits (joint mode)")
   p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned")
   p.add_argument("--n-m", default=None, help="N:M pattern, keep N of M (e.g. 2:4)")
   p.add_argument("--one-pass", action="store_true",
@@ -62,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--max-eval-windows", type=int, default=None,
                  help="evaluate only the first N windows (quick runs)")
   p.add_argument("--eval-batch", type=int, default=4, help="windows per forward call")
+  p.add_argument("--eval-lines", type=int, default=2000,
+                 help="minilm: held-out lines for the cosine and the neighbour recall")
+  p.add_argument("--recall-k", type=int, default=10,
+                 help="minilm: neighbours per line for the recall")
   p.add_argument("--baseline-from", default=None,
                  help="a --method none run's results.json to take the float baseline "
                       "from (same model, context and windows) instead of measuring it")
@@ -81,7 +88,8 @@ def method_of(args):
   return {"none": None,
           "rtn": o.RTN(args.bits, group_size=args.group_size),
           "gptq": o.GPTQ(args.bits, group_size=args.group_size, act_order=args.act_order),
-          "sparsegpt": o.SparseGPT(sparsity=sp, n_m=nm),
+          "sparsegpt": o.SparseGPT(sparsity=sp, n_m=nm,
+                                   bits=args.bits if args.joint else None),
           "wanda": o.Wanda(sparsity=sp, n_m=nm),
           "magnitude": o.Magnitude(sparsity=sp, n_m=nm)}[args.method]
 
@@ -94,6 +102,7 @@ def tag(args) -> str:
     t += "-act" if args.act_order else ""
   else:
     t = f"{args.method}-" + (args.n_m.replace(":", "of") if args.n_m else f"{args.sparsity:g}")
+    t += f"-{args.bits}b" if args.joint and args.method == "sparsegpt" else ""
   return t + ("-onepass" if args.one_pass else "")
 
 
@@ -118,6 +127,27 @@ def perplexity(model, params, windows: np.ndarray, batch: int, quiet: bool) -> f
       total += float(f(params, jnp.asarray(windows[i:i + batch])))
       bar.update(len(windows[i:i + batch]))
   return math.exp(total / (len(windows) * (windows.shape[1] - 1)))
+
+
+def neighbour_recall(ref, emb, k: int) -> float:
+  """Mean recall@k of each row's ``k`` nearest rows of ``ref`` among ``emb``'s.
+
+  Rows are unit-norm embeddings; neighbours by cosine similarity, a row never
+  its own neighbour. For every row ``i``: ``|N_k^ref(i) & N_k^emb(i)| / k``.
+  """
+  ref, emb = np.asarray(ref, np.float64), np.asarray(emb, np.float64)
+  n = len(ref)
+  if not 0 < k < n:
+    raise ValueError(f"recall_k must be in [1, {n - 1}] for {n} lines, got {k}")
+
+  def top(e):
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+
+  a, b = top(ref), top(emb)
+  hits = [len(np.intersect1d(a[i], b[i])) for i in range(n)]
+  return float(np.mean(hits)) / k
 
 
 def bert_batches(tok, lines, context: int, batch: int):
@@ -164,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib = [model.embed(params, jnp.asarray(t), jnp.asarray(m))
              for t, m in bert_batches(tok, [lines[j] for j in sorted(pick)], 64, 64)]
     test_lines = [s for s in test_text.split("\n") if s.strip()]
-    evals = bert_batches(tok, test_lines, 64, 64)[:args.max_eval_windows]
+    evals = bert_batches(tok, test_lines[:args.eval_lines], 64, 64)[:args.max_eval_windows]
 
   method = method_of(args)
   info = {"seconds": 0.0}
@@ -204,15 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
     results["delta_perplexity"] = results["perplexity"] - results["baseline_perplexity"]
   else:
     f = jax.jit(model.__call__)
-    cos = [jnp.sum(f(decoded, t, m) * f(params, t, m), axis=-1) for t, m in evals]
-    results["mean_cosine_to_float"] = float(jnp.mean(jnp.concatenate(cos)))
+    emb = np.concatenate([np.asarray(f(decoded, t, m)) for t, m in evals])
+    ref = np.concatenate([np.asarray(f(params, t, m)) for t, m in evals])
+    results["eval_lines"] = len(ref)
+    results["mean_cosine_to_float"] = float(np.mean(np.sum(emb * ref, axis=-1)))
+    results["recall_k"] = args.recall_k
+    results["neighbour_recall"] = neighbour_recall(ref, emb, args.recall_k)
   results["command"] = train_lib.command_line(MODULE, args.argv)
   results["wall_time_s"] = time.time() - start
   results["jax_backend"] = jax.default_backend()
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   show = {k: results[k] for k in ("settings", "perplexity", "baseline_perplexity",
-                                  "mean_cosine_to_float", "file_bytes", "ratio",
+                                  "mean_cosine_to_float", "neighbour_recall",
+                                  "file_bytes", "ratio",
                                   "compress_time_s") if k in results}
   print(json.dumps(show))
   print(os.path.join(out_dir, "results.json"))

@@ -209,4 +209,41 @@ def test_minilm_loader_and_experiment(tmp_path):
                       "--cache", str(tmp_path), "--data", str(text),
                       "--calib-tokens", "256", "--out", str(tmp_path / "run"), "--quiet"])
   assert 0 < res["mean_cosine_to_float"] <= 1.0 + 1e-5
+  held_out = [s for s in oneshot.split_text(str(text))[1].split("\n") if s.strip()]
+  assert 0 <= res["neighbour_recall"] <= 1 and res["eval_lines"] == len(held_out)
   assert len(res["layer_errors"]) == 2 * 6
+  joint = oneshot.main(["--model", "minilm-l6", "--method", "sparsegpt", "--n-m", "2:4",
+                        "--joint", "--bits", "4", "--cache", str(tmp_path),
+                        "--data", str(text), "--calib-tokens", "256", "--recall-k", "3",
+                        "--out", str(tmp_path / "joint"), "--quiet"])
+  assert joint["settings"] == "sparsegpt-2of4-4b"
+  kernel = oneshot.from_tree(cx.load(str(tmp_path / "joint" / "model.cx")))[
+      "blocks"][0]["q"]["kernel"]
+  col = np.asarray(kernel)[:, 0]
+  assert np.mean(col == 0) >= 0.5 and len(np.unique(col)) <= 16   # 2:4 and 4-bit
+
+
+def _recall_reference(ref, emb, k):
+  """Brute force: each row's k most similar other rows, by a full sort."""
+  out = []
+  for i in range(len(ref)):
+    def top(e):
+      sim = [(-float(e[i] @ e[j]), j) for j in range(len(e)) if j != i]
+      return {j for _, j in sorted(sim)[:k]}
+    out.append(len(top(ref) & top(emb)) / k)
+  return float(np.mean(out))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3, 3.0])
+def test_neighbour_recall_matches_brute_force(noise):
+  rng = np.random.default_rng(int(noise * 10))
+  ref = rng.normal(size=(40, 8))
+  emb = ref + noise * rng.normal(size=ref.shape)
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  got = oneshot.neighbour_recall(ref, emb, 5)
+  assert got == pytest.approx(_recall_reference(ref, emb, 5), abs=1e-12)
+  if noise == 0.0:
+    assert got == 1.0
+  with pytest.raises(ValueError, match="recall_k"):
+    oneshot.neighbour_recall(ref, emb, 40)
