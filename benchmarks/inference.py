@@ -10,6 +10,11 @@ embedding, tied head and norms stay float32) is stored as
   (``rtn`` ``bits=4, group_size=128``), two codes per byte, dequantized at use;
 * ``w8a8``: the int8 kernels with int8 per-token activations, integer
   matmuls (``cx.run.pack(..., activations=8)``);
+* ``sparse-2of4``, ``sparse-0.5``: magnitude-pruned kernels (2 of every 4
+  input rows per column, ``cx.prune.nm_mask``; half of each kernel,
+  ``cx.prune.magnitude_mask``) as ``cx.prune.MaskedArray`` nodes (float32
+  values and a bool mask in memory), decoded at use: what masks buy on a
+  dense CPU matmul (not in the default ``--variants``);
 
 written with ``cx.save`` and evaluated by a fresh process per variant and
 batch size that reads the file with ``cx.load(keep_compressed=True)`` and runs
@@ -18,20 +23,25 @@ layer). The forward is the evaluation: summed next-token NLL of ``(batch,
 context)`` windows, the head computed 128 positions at a time (the same
 function for every variant). Measured per process:
 
-* ``tokens/s``: ``batch * context`` over the median wall time of
-  ``--repeats`` calls, after a warm-up call;
 * ``xla``: XLA's ``compiled.memory_analysis()``: argument + temp + output
   bytes of the compiled forward (what the forward needs, runtime excluded);
-* ``rss_eval``: the peak resident set size sampled every 2 ms during the timed
-  calls (the process as it evaluates: runtime, codes, buffers);
+* ``rss_eval``: the peak resident set size sampled every 2 ms during one call
+  after a warm-up call (the process as it evaluates: runtime, codes, buffers);
 * ``maxrss``: ``ru_maxrss`` of the whole process (file loading included);
 * ``ppl``: perplexity on ``--ppl-windows`` windows of the last 10% of
   tiny-shakespeare (the windows of ``experiments.oneshot``). For the
   compressed variants also ``ppl_materialized``: the same kernels
   materialized to float32 first.
 
+``tokens/s`` comes from one more process per batch size that holds every
+variant: ``batch * context`` over the median wall time of ``--repeats``
+calls of each, after a warm-up call, the variants called round-robin (the
+order rotated each round), so that a shared machine's load moves all of them
+together.
+
 ``qwix-*`` rows run Qwix's PTQ provider (``qwix.quantize_model`` on the block,
-``qwix.quantize_params``) on the same model, formats and batches, quantizing
+``qwix.quantize_params``) on the same model, formats and batches (int4 with
+tiles of 64: Qwix needs tiles that divide the 576 input rows), quantizing
 in the worker from the float32 file (so their ``maxrss`` includes the float
 weights; ``rss_eval`` and ``xla`` are comparable).
 
@@ -62,8 +72,8 @@ import numpy as np  # noqa: E402
 import compressax as cx  # noqa: E402
 from experiments.llm import models as models_lm  # noqa: E402
 
-VARIANTS = ["float32", "int8", "int4-g128", "w8a8", "qwix-int8", "qwix-int4-g128",
-            "qwix-w8a8"]
+VARIANTS = ["float32", "int8", "int4-g128", "w8a8", "qwix-int8", "qwix-int4-g64",
+            "qwix-w8a8", "sparse-2of4", "sparse-0.5"]
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "..", "shared", "data", "tinyshakespeare.txt")
 CHUNK = 128
@@ -73,6 +83,14 @@ def compress(variant: str, params):
   """The params of a variant: block kernels as nodes (or float32)."""
   if variant == "float32":
     return params
+  if variant.startswith("sparse-"):
+    blocks = params["blocks"]
+    if variant == "sparse-2of4":
+      mask = [cx.map_selected(lambda p, w: cx.prune.nm_mask(w, 2, 4, axis=0), b,
+                              unselected=np.bool_(True)) for b in blocks]
+    else:
+      mask = cx.prune.magnitude_mask(blocks, float(variant.split("-")[1]))
+    return dict(params, blocks=cx.prune.mask_to_nodes(blocks, mask))
   kw = {"int8": dict(bits=8, symmetric=True), "w8a8": dict(bits=8, symmetric=True),
         "int4-g128": dict(bits=4, group_size=128)}[variant]
   blocks = [cx.map_selected(lambda p, w: cx.oneshot.rtn(w, **kw, path=p), b)
@@ -144,8 +162,9 @@ def _qwix_setup(variant, model, params):
   rule = dict(module_path=r"(q|k|v|o|gate|up|down)")
   if fmt == "int8":
     rule.update(weight_qtype=jnp.int8)
-  elif fmt == "int4-g128":
-    rule.update(weight_qtype=jnp.int4, tile_size=128)
+  elif fmt == "int4-g64":
+    # Qwix needs tiles that divide the axis: 576 rows are not a multiple of 128.
+    rule.update(weight_qtype=jnp.int4, tile_size=64)
   else:
     rule.update(weight_qtype=jnp.int8, act_qtype=jnp.int8, act_batch_axes=(0, 1))
   x = jnp.zeros((1, CHUNK, model.cfg.width))
@@ -159,22 +178,60 @@ def _ppl(sums, context) -> float:
   return float(np.exp(sum(sums) / (len(sums) * (context - 1))))
 
 
-def worker(args) -> dict:
-  """One variant at one batch size, in its own process."""
-  out = {"variant": args.variant, "batch": args.batch, "context": args.context}
-  with open(os.path.join(args.out, "config.json")) as f:
-    model = models_lm.Llama(models_lm.LlamaConfig(**json.load(f)))
-  qwix_run = args.variant.startswith("qwix-")
-  name = "float32" if qwix_run else args.variant
+def _load(args, variant, model):
+  """``(params, block_apply)`` of a variant, read from its file."""
+  qwix_run = variant.startswith("qwix-")
+  name = "float32" if qwix_run else variant
   tree = cx.load(os.path.join(args.out, f"{name}.cx"), keep_compressed=True)
   params = jax.tree.map(jnp.asarray, from_tree(tree))
   del tree
-  block_apply = model.block_apply
   if qwix_run:
-    params, block_apply = _qwix_setup(args.variant, model, params)
-  out["param_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(params))
+    return _qwix_setup(variant, model, params)
+  return params, model.block_apply
+
+
+def _model(args):
+  with open(os.path.join(args.out, "config.json")) as f:
+    return models_lm.Llama(models_lm.LlamaConfig(**json.load(f)))
+
+
+def _tokens(args):
   windows = np.load(os.path.join(args.out, "windows.npy"))
-  tokens = jnp.asarray(np.resize(windows, (args.batch, args.context)))
+  return windows, jnp.asarray(np.resize(windows, (args.batch, args.context)))
+
+
+def speed_worker(args) -> dict:
+  """Every variant in one process, timed round-robin (the load moves together)."""
+  model = _model(args)
+  _, tokens = _tokens(args)
+  runs = {}
+  for v in args.variants.split(","):
+    params, block_apply = _load(args, v, model)
+    with cx.run.intercept():
+      f = jax.jit(make_nll(model, block_apply)).lower(params, tokens).compile()
+    f(params, tokens).block_until_ready()
+    runs[v] = (f, params)
+  times = {v: [] for v in runs}
+  order = list(runs)
+  for r in range(args.repeats):
+    for v in order[r % len(order):] + order[:r % len(order)]:
+      f, params = runs[v]
+      t = time.perf_counter()
+      f(params, tokens).block_until_ready()
+      times[v].append(time.perf_counter() - t)
+  return {"variant": "speed", "batch": args.batch, "context": args.context,
+          "seconds": {v: float(np.median(t)) for v, t in times.items()},
+          "all_seconds": times}
+
+
+def worker(args) -> dict:
+  """One variant at one batch size, in its own process: memory, perplexity."""
+  out = {"variant": args.variant, "batch": args.batch, "context": args.context}
+  model = _model(args)
+  qwix_run = args.variant.startswith("qwix-")
+  params, block_apply = _load(args, args.variant, model)
+  out["param_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(params))
+  windows, tokens = _tokens(args)
   nll = make_nll(model, block_apply)
   with cx.run.intercept():
     compiled = jax.jit(nll).lower(params, tokens).compile()
@@ -183,14 +240,8 @@ def worker(args) -> dict:
                          + mem.output_size_in_bytes)
   out["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
   compiled(params, tokens).block_until_ready()
-  times = []
   with _Sampler() as s:
-    for _ in range(args.repeats):
-      t = time.perf_counter()
-      compiled(params, tokens).block_until_ready()
-      times.append(time.perf_counter() - t)
-  out["seconds"] = float(np.median(times))
-  out["tokens_per_s"] = args.batch * args.context / out["seconds"]
+    compiled(params, tokens).block_until_ready()
   out["rss_eval_bytes"] = s.peak
   if args.ppl_windows:
     evals = [jnp.asarray(w[None]) for w in windows[:args.ppl_windows]]
@@ -255,7 +306,8 @@ def main(argv=None):
   p.add_argument("--context", type=int, default=512, help="tokens per window (multiple of 128)")
   p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
-  p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+  p.add_argument("--variants", default=",".join(VARIANTS[:7]),
+                 help=f"comma-separated variants, of {','.join(VARIANTS)}")
   p.add_argument("--ppl-windows", type=int, default=4,
                  help="perplexity windows (measured at the first batch size; 0: none)")
   p.add_argument("--data", default=DATA, help="tiny-shakespeare")
@@ -272,7 +324,8 @@ def main(argv=None):
   if args.worker:
     args.variant = args.worker
     out = (floor_worker(args) if args.worker == "runtime" else
-           prepare(args, variants) if args.worker == "prepare" else worker(args))
+           prepare(args, variants) if args.worker == "prepare" else
+           speed_worker(args) if args.worker == "speed" else worker(args))
     print(json.dumps(out))
     return
   batches = [int(b) for b in args.batches.split(",")]
@@ -285,25 +338,37 @@ def main(argv=None):
   # keep them as heap, and resident).
   env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 
-  def run(variant, batch, ppl):
+  def run(variant, batch, ppl, only=None):
     # Workers start from this small process (ru_maxrss survives fork and exec).
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant,
            "--batch", str(batch), "--ppl-windows", str(ppl)] + common
+    if only is not None:
+      cmd[cmd.index("--variants") + 1] = ",".join(only)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
-      return {"variant": variant, "batch": batch,
-              "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+      errors = [ln for ln in r.stderr.splitlines() if "Error" in ln] or ["failed"]
+      return {"variant": variant, "batch": batch, "error": errors[-1][:200]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
-  run("prepare", 1, 0)
+  prep = run("prepare", 1, 0)
+  if "error" in prep:
+    raise SystemExit(f"prepare failed: {prep['error']}")
   load = os.getloadavg()
   floor = run("runtime", 1, 0)
+  speed = {}
   for i, batch in enumerate(batches):
     for v in variants:
       rows.append(run(v, batch, args.ppl_windows if i == 0 else 0))
       print(json.dumps(rows[-1]), flush=True)
+    ok = [r["variant"] for r in rows if r["batch"] == batch and "error" not in r]
+    speed[batch] = run("speed", batch, 0, ok)
+    print(json.dumps(speed[batch]), flush=True)
+    for r in rows:
+      if r["batch"] == batch and r["variant"] in speed[batch].get("seconds", {}):
+        r["seconds"] = speed[batch]["seconds"][r["variant"]]
+        r["tokens_per_s"] = batch * args.context / r["seconds"]
   result = {"command": "python benchmarks/inference.py " + " ".join(argv or sys.argv[1:]),
-            "loadavg_start": load, "loadavg_end": os.getloadavg(),
+            "loadavg_start": load, "loadavg_end": os.getloadavg(), "speed": speed,
             "cpus": os.cpu_count(), "jax": jax.__version__, "runtime": floor, "rows": rows,
             "wall_time_s": time.time() - start}
   with open(os.path.join(args.out, "results.json"), "w") as f:
