@@ -13,8 +13,11 @@ The pipeline, every stage through compressax's public API:
 3. **Weightless**: ``cx.weightless.freeze_and_retrain`` encodes the layers of
    ``--layers`` one by one (``cx.methods.Weightless(bits=--cell-bits)``),
    freezes each at its decoded values, false positives included, and
-   retrains the rest for ``--retrain-epochs`` (the other kernels' centroids
-   through ``cx.methods.KMeans(pruned=True)``, the biases freely).
+   retrains the rest: ``--retrain-mode centroids`` trains the other kernels'
+   centroids (``cx.methods.KMeans(pruned=True)``) and the biases for
+   ``--retrain-epochs``; ``free`` trains the other kernels' kept weights with
+   their masks held (``cx.optim.prune_fixed``) for ``--retrain-epochs``, then
+   shares them again (``--reshare-epochs`` of centroid training).
 
 Two files are written: ``dc.cx``, the model right before encoding (every
 layer in Deep Compression's encoding), and ``model.cx``, the same model with
@@ -79,6 +82,15 @@ def parse_args(argv=None):
                       "encoding (default: keep Deep Compression's clusters)")
   p.add_argument("--retrain-epochs", type=int, default=4,
                  help="epochs of retraining after each encoded layer")
+  p.add_argument("--retrain-mode", choices=("centroids", "free"),
+                 default="centroids",
+                 help="centroids: train the other kernels' centroids (and the "
+                      "biases) for --retrain-epochs; free: train their kept "
+                      "weights with the masks held (at --prune-lr) for "
+                      "--retrain-epochs, then share them again (k-means and "
+                      "--reshare-epochs of centroid training)")
+  p.add_argument("--reshare-epochs", type=int, default=2,
+                 help="centroid epochs after a free retraining")
   p.add_argument("--retrain-lr", type=float, default=None,
                  help="learning rate of that retraining (default: --share-lr)")
   p.add_argument("--from", dest="start", default=None,
@@ -206,6 +218,25 @@ def _recluster(model, tree, ds, args, encoded, curves, loss_fn):
   return train["params"]
 
 
+def _free_retrain(model, params, frozen, ds, args, stage, curves, loss_fn):
+  """The kept weights of the kernels not yet encoded, trained with masks held.
+
+  ``cx.optim.prune_fixed`` holds every kernel's zeros, ``cx.weightless.freeze``
+  the encoded kernels; the biases train freely. Weight sharing follows.
+  """
+  masks = cx.map_selected(lambda kp, w, f: np.asarray(True) if f else
+                          np.asarray(w) != 0, params, frozen,
+                          unselected=np.asarray(True))
+  tx = cx.weightless.freeze(cx.optim.prune_fixed(
+      dc._sgd(args, ds, args.prune_lr, args.retrain_epochs), masks), frozen)
+  params, _, hist = train_lib.fit(
+      model, params, tx, ds, epochs=args.retrain_epochs,
+      batch_size=args.batch_size, seed=args.seed + 500 + stage,
+      quiet=args.quiet, desc=f"free retrain {stage}", loss_fn=loss_fn)
+  curves[f"weightless {stage}"] += hist["test_error"]
+  return params
+
+
 def weightless_stage(model, params, ds, args, encoded, bits_of, curves, loss_fn):
   """``cx.weightless.freeze_and_retrain`` over ``encoded``; returns the tree."""
   method = cx.methods.Weightless(bits=args.cell_bits, hashes=args.hashes,
@@ -224,15 +255,18 @@ def weightless_stage(model, params, ds, args, encoded, bits_of, curves, loss_fn)
     curves[f"weightless {stage[0]}"] = [err]
     if not args.retrain_epochs:
       return p
+    if args.retrain_mode == "free":
+      p = _free_retrain(model, p, frozen, ds, args, stage[0], curves, loss_fn)
     rules = [(_exact(k), method) for k in kernels if k in frozen_paths]
     rules += [(_exact(k), cx.methods.KMeans(bits=bits_of(k), pruned=True))
               for k in kernels if k not in frozen_paths]
     rplan = cx.Plan(rules, where=cx.default_rule)
     train = rplan.init(p)
-    tx = rplan.optimizer(dc._sgd(args, ds, args.retrain_lr, args.retrain_epochs))
+    epochs = args.retrain_epochs if args.retrain_mode == "centroids" \
+        else args.reshare_epochs
+    tx = rplan.optimizer(dc._sgd(args, ds, args.retrain_lr, epochs))
     state = tx.init(train)
-    train, _, hist = dc._fit(model, rplan, train, tx, ds, args,
-                             epochs=args.retrain_epochs,
+    train, _, hist = dc._fit(model, rplan, train, tx, ds, args, epochs=epochs,
                              seed=args.seed + 400 + stage[0],
                              desc=f"retrain {stage[0]}", loss_fn=loss_fn,
                              opt_state=state)

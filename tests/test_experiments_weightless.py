@@ -63,12 +63,21 @@ def test_weightless_smoke_results_agree_with_the_files(tmp_path):
   assert not (ip3 & ~np.asarray(before["ip3"]["kernel"].mask)).any()
   assert ip3.mean() <= 0.26
 
+  # From a written file, with the other kernels' kept weights retrained
+  # freely (masks held), then shared again.
   again = weightless.main([
-      "--from", str(out / "dc.cx"), "--retrain-epochs", "0", "--cell-bits", "5",
-      "--quiet", "--out", str(tmp_path / "from")])
+      "--from", str(out / "dc.cx"), "--retrain-mode", "free", "--retrain-epochs",
+      "1", "--reshare-epochs", "1", "--cell-bits", "5", "--quiet", "--out",
+      str(tmp_path / "from")])
   layer = again["layers"]["params/ip1/kernel"]
   assert layer["from_bytes"] == saved["layers"]["params/ip1/kernel"]["dc_bytes"]
   assert again["deep_compression"]["pipeline_test_error"] == _error(out / "dc.cx")
+  assert again["test_error"] == _error(tmp_path / "from" / "model.cx")
+  final = cx.load(tmp_path / "from" / "model.cx", keep_compressed=True)["params"]
+  for name in ("ip2", "ip3"):
+    kept = np.asarray(final[name]["kernel"].mask)
+    assert not (kept & ~np.asarray(before[name]["kernel"].mask)).any()
+    assert len(np.unique(np.asarray(final[name]["kernel"].materialize()))) <= 65
 
 
 def test_weightless_flag_errors():
