@@ -11,16 +11,17 @@ each public function documents what it does with an out-of-range traced value
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 
 def is_concrete(x) -> bool:
   """True if ``x`` holds a value now (not a tracer inside jit/vmap/grad)."""
-  return not isinstance(x, jax.core.Tracer)
+  return not isinstance(x, Tracer)
 
 
 def where_str(path) -> str:
@@ -31,7 +32,7 @@ def where_str(path) -> str:
   return display_path(path)
 
 
-def fail(path, message: str, exc: type[Exception] = ValueError):
+def fail(path, message: str, exc: type[Exception] = ValueError) -> NoReturn:
   raise exc(f"{where_str(path)}: {message}")
 
 

@@ -21,7 +21,7 @@ def deprecated(name: str, replacement: str) -> Callable:
                     f"release; use {replacement} (see docs/design.md)",
                     DeprecationWarning, stacklevel=2)
       return fn(*args, **kwargs)
-    inner.__deprecated__ = replacement
+    setattr(inner, "__deprecated__", replacement)  # PEP 702's marker
     inner.__doc__ = (f"Deprecated: use {replacement}.\n\n" + (fn.__doc__ or ""))
     return inner
   return wrap

@@ -32,11 +32,14 @@ Define one with::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: no runtime dependency
+  from typing_extensions import TypeIs
 
 _T = TypeVar("_T")
 
@@ -46,6 +49,13 @@ _REGISTRY: dict[str, type] = {}
 class CompressedLeaf:
   """Base class of compressed leaf nodes (see the module docstring)."""
 
+  # Every registered subclass is a dataclass (compressed_leaf checks) with
+  # static fields `shape` and `dtype`, the dense array's; compressax.save
+  # writes the dtype by name. Annotations only: no fields, no attributes here.
+  __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+  shape: tuple[int, ...]
+  dtype: Any
+
   def materialize(self) -> jax.Array:
     """The dense array this node stands for, in its original shape and dtype."""
     raise NotImplementedError
@@ -53,10 +63,6 @@ class CompressedLeaf:
   def storage_bits(self) -> int:
     """Exact payload size in bits before entropy coding (a Python int)."""
     raise NotImplementedError
-
-  # Subclasses declare static fields `shape: tuple[int, ...]` and
-  # `dtype: numpy.dtype` (the dense array's); compressax.save writes the dtype
-  # by name.
 
   @property
   def ndim(self) -> int:
@@ -136,7 +142,7 @@ def compressed_leaf(cls: None = ..., *, name: str | None = ...,
 
 def compressed_leaf(cls=None, *, name: str | None = None,
                     version: int = 1, sparse_mask: str | None = None,
-                    pointwise: tuple[str, ...] = ()):
+                    pointwise: tuple[str, ...] = ()) -> Any:  # typed by the overloads
   """Class decorator: register a frozen dataclass as a compressed leaf node.
 
   Use it bare (``@cx.compressed_leaf``) or with options
@@ -192,8 +198,9 @@ def compressed_leaf(cls=None, *, name: str | None = None,
   jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
   # Set on the class itself (not inherited through `vars`): an unregistered
   # subclass of a registered class is not taken for it.
-  cls._cx_name, cls._cx_version = name, version
-  cls._cx_sparse_mask, cls._cx_pointwise = sparse_mask, pointwise
+  for attr, value in (("_cx_name", name), ("_cx_version", version),
+                      ("_cx_sparse_mask", sparse_mask), ("_cx_pointwise", pointwise)):
+    setattr(cls, attr, value)  # read back with _own (vars), never inherited
   _REGISTRY[name] = cls
   return cls
 
@@ -248,7 +255,7 @@ def leaf_type(name: str) -> type:
                    f"{sorted(_REGISTRY)}")
 
 
-def is_compressed(x) -> bool:
+def is_compressed(x) -> TypeIs[CompressedLeaf]:
   """True if ``x`` is a compressed leaf node (a :class:`CompressedLeaf`)."""
   return isinstance(x, CompressedLeaf)
 

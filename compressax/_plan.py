@@ -21,6 +21,7 @@ as they are. See ``docs/design.md``.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Callable
 
 import jax
@@ -183,7 +184,7 @@ class Plan:
           "aux": jax.tree_util.tree_unflatten(treedef, labels)}
       tx = inner
       if own:
-        txs = {"model": inner}
+        txs: dict[Hashable, optax.GradientTransformation] = {"model": inner}
         txs.update({f"aux{i}": m.aux_optimizer() for i, m in enumerate(own)})
         tx = optax.partition(txs, label_tree)
       wrapped = []
@@ -198,8 +199,8 @@ class Plan:
       cache[key] = optax.with_extra_args_support(tx)
       return cache[key]
 
-    def init(train):
-      return build(train).init(train)
+    def init(params):  # the tree from Plan.init (named as optax's protocol)
+      return build(params).init(params)
 
     def update(updates, state, params=None, **extra):
       if params is None:

@@ -91,7 +91,7 @@ def as_rules(settings) -> list[Rule] | None:
 
 
 def lookup(settings, keypath, leaf, *, name: str = "setting",
-           default: Any = _NO_DEFAULT, exc=ValueError):
+           default: Any = _NO_DEFAULT, exc: type[Exception] = ValueError) -> Any:
   """One leaf's value of ``settings`` (one value, rules or a callable).
 
   The leaf-level form of :func:`per_leaf`, for functions that visit leaves

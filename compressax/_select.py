@@ -120,7 +120,7 @@ def default_rule(path: str, leaf) -> bool:
   return len(getattr(leaf, "shape", ())) >= 2 and not _EMBEDDING.search(path)
 
 
-def _rule(where: Where) -> Callable[[str, Any], bool] | None:
+def _rule(where: Where) -> Callable[[str, Any], object] | None:  # bool() of its result
   if where is None:
     return default_rule
   if isinstance(where, str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -39,7 +40,7 @@ def explicit(x) -> NamedSharding | None:
   For a concrete array the concrete ``NamedSharding`` (usable outside a mesh
   context), for a tracer the abstract one from its type.
   """
-  if not isinstance(x, (jax.Array, jax.core.Tracer)):
+  if not isinstance(x, (jax.Array, Tracer)):
     return None
   try:
     s = jax.typeof(x).sharding
@@ -47,10 +48,8 @@ def explicit(x) -> NamedSharding | None:
     return None
   if not isinstance(s, NamedSharding) or all(a is None for a in s.spec):
     return None
-  if _checks.is_concrete(x) and isinstance(getattr(x, "sharding", None),
-                                           NamedSharding):
-    return x.sharding
-  return s
+  concrete = getattr(x, "sharding", None) if _checks.is_concrete(x) else None
+  return concrete if isinstance(concrete, NamedSharding) else s
 
 
 def _classic(x) -> jax.sharding.Sharding | None:
