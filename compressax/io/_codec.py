@@ -174,17 +174,18 @@ def encode_mask(candidates) -> tuple[int, dict, bytes]:
   for must in ((0, best_index_bits(kept[0], _MAX_INDEX_BITS)[0]), (0, 0)):
     if must not in tries:
       tries.append(must)
-  best = None
-  for k, b in tries:
+
+  def encoded(k, b):
     sym, width = symbols(k, b)
     rec, payload = encode_symbols(sym, width)
-    if best is None or len(payload) < len(best[2]):
-      n = candidates[k].size
-      meta = dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1)) if b == 0 \
-          else dict(kind="bool", scheme="relidx", index_bits=b,
-                    raw=packed_nbytes(sym.size, b))
-      best = (k, dict(**meta, **rec), payload)
-  return best
+    n = candidates[k].size
+    meta = dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1)) if b == 0 \
+        else dict(kind="bool", scheme="relidx", index_bits=b,
+                  raw=packed_nbytes(sym.size, b))
+    return k, dict(**meta, **rec), payload
+
+  # The smallest payload; the first of equals, in `tries` order.
+  return min((encoded(k, b) for k, b in tries), key=lambda t: len(t[2]))
 
 
 def decode_flat(rec: dict, payload, dtype, count: int, siblings=None) -> np.ndarray:

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from compressax.io._bitpack import _container, pack_bits, packed_nbytes, unpack_bits
 
@@ -214,7 +216,8 @@ def _counts(symbols) -> np.ndarray:
   return counts
 
 
-def huffman_decode(stream, lengths, block_bits, count: int, dtype=np.int64) -> np.ndarray:
+def huffman_decode(stream, lengths, block_bits, count: int,
+                   dtype: DTypeLike = np.int64) -> np.ndarray:
   """Inverts :func:`huffman_encode`; raises ``ValueError`` on a bad stream."""
   lengths = np.asarray(lengths, np.int64)
   count = int(count)
@@ -277,9 +280,15 @@ def _ans_table(counts: np.ndarray) -> tuple[np.ndarray, int]:
   return q.astype(np.int64), precision
 
 
+def _stream() -> Any:
+  """``constriction.stream`` (imported here: only needed to code)."""
+  import constriction
+  # A compiled module without type stubs: its names are unknown to checkers.
+  return constriction.stream  # pyright: ignore[reportAttributeAccessIssue]
+
+
 def _ans_model(q: np.ndarray):
-  import constriction  # local: only needed to code
-  return constriction.stream.model.Categorical(
+  return _stream().model.Categorical(
       q.astype(np.float64) / float(q.sum()), perfect=False)
 
 
@@ -294,19 +303,17 @@ def ans_encode(symbols, q) -> np.ndarray:
     Bamler. Understanding Entropy Coding With Asymmetric Numeral Systems.
     https://arxiv.org/abs/2201.01741
   """
-  import constriction
   symbols = np.asarray(symbols).reshape(-1)
   model = _ans_model(q)
-  coder = constriction.stream.stack.AnsCoder()
+  coder = _stream().stack.AnsCoder()
   # A stack: push chunks last to first so that decoding pops them in order.
   for start in reversed(range(0, symbols.size, _CHUNK)):
     coder.encode_reverse(symbols[start:start + _CHUNK].astype(np.int32), model)
   return coder.get_compressed()
 
 
-def ans_decode(words, q, count: int, dtype=np.int64) -> np.ndarray:
+def ans_decode(words, q, count: int, dtype: DTypeLike = np.int64) -> np.ndarray:
   """Inverts :func:`ans_encode`; raises ``ValueError`` if it does not."""
-  import constriction
   words = np.asarray(words, np.uint32)
   if count == 0:
     if words.size:
@@ -314,7 +321,7 @@ def ans_decode(words, q, count: int, dtype=np.int64) -> np.ndarray:
     return np.zeros(0, dtype)
   out = np.empty(int(count), dtype)
   try:
-    coder = constriction.stream.stack.AnsCoder(words)
+    coder = _stream().stack.AnsCoder(words)
     model = _ans_model(q)
     for start in range(0, out.size, _CHUNK):
       out[start:start + _CHUNK] = coder.decode(model, min(_CHUNK, out.size - start))
@@ -382,7 +389,7 @@ def _plan(symbols: np.ndarray, bits: int) -> dict:
   quantized model rounded up to 32-bit words, plus two words of coder state.
   """
   n = symbols.size
-  plan = {"raw": packed_nbytes(n, bits)}
+  plan: dict[str, Any] = {"raw": packed_nbytes(n, bits)}
   if bits <= 16 and n > 1:
     counts = _counts(symbols)
     lengths = huffman_code_lengths(counts)

@@ -203,7 +203,7 @@ class _Encoder:
     if not arr.dtype.isnative:
       arr = arr.astype(arr.dtype.newbyteorder("="))
     sparse = ctx is not None and arr.shape == ctx[0].shape
-    if sparse:  # the context's scan order, at its kept positions only
+    if ctx is not None and sparse:  # the context's scan order, at its kept positions only
       perm = ctx[1]
       enc, payload = encode_flat(_scan(arr, perm)[ctx[2]])
     elif arr.dtype == bool and arr.ndim >= 2:
@@ -239,7 +239,7 @@ class _Encoder:
     mask_field, pointwise = leaf_storage(type(node))
     mask = data.get(mask_field) if mask_field is not None else None
     own = ctx
-    if _is_array(mask) and np.asarray(mask).dtype == bool:
+    if mask_field is not None and _is_array(mask) and np.asarray(mask).dtype == bool:
       m = np.asarray(mask)
       outer = ctx if ctx is not None and ctx[0].shape == m.shape else None
       mrec = self.tree(m, tpath + ("n:" + mask_field,), salt, outer)

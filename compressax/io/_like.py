@@ -11,7 +11,7 @@ disagreement is an error naming its path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def _show(path) -> str:
   return "/".join(str(p) for p in path) or "<root>"
 
 
-def _fail(name, path, msg):
+def _fail(name, path, msg) -> NoReturn:
   raise ValueError(f"{name}: {_show(path)}: the file and `like` disagree: {msg}")
 
 
@@ -44,7 +44,7 @@ def restore_like(tree, like, name: str) -> Any:
   return _restore(tree, like, (), name)
 
 
-def _restore(x, like, path, name):
+def _restore(x, like, path, name) -> Any:  # a pytree
   if isinstance(like, CompressedLeaf) or _is_leaf(like):
     return _leaf(x, like, path, name)
   if _is_state(like):

@@ -126,7 +126,7 @@ class SizeReport:
     head = ("layer", "#weights", "kept", "weight bits", "weight bits (H)",
             "index bits", "index bits (H)", "bytes", "bytes (H)", "ratio",
             "ratio (H)")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for l in self.leaves:
       rows.append((l.path or "<root>", f"{l.params:,}",
                    f"{100 * l.kept / l.params:.1f}%" if l.params else "-",

@@ -142,7 +142,7 @@ def best_index_bits(mask_or_flat_indices, max_bits: int = 16) -> tuple[int, int]
   g = _gaps(_flat_indices(mask_or_flat_indices))
   if not g.size:
     return 1, 0
-  best = None
+  best: tuple[int, int] | None = None
   for b in range(1, max_bits + 1):
     fill = (1 << b) - 1
     n = g.size + int((g // fill).sum())
@@ -150,6 +150,8 @@ def best_index_bits(mask_or_flat_indices, max_bits: int = 16) -> tuple[int, int]
       best = (b, n)
     if int(g.max()) < fill:  # wider codes only cost more from here on
       break
+  if best is None:
+    raise ValueError(f"max_bits must be >= 1, got {max_bits}")
   return best
 
 
