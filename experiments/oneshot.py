@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["neighbour_recall"] = neighbour_recall(ref, emb, args.recall_k)
   results["command"] = train_lib.command_line(MODULE, args.argv)
   results["wall_time_s"] = time.time() - start
+  # Peak resident memory of the whole command (Linux: KiB), load and evaluation included.
+  results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results["jax_backend"] = jax.default_backend()
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

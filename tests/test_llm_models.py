@@ -144,6 +144,7 @@ def test_experiment_on_tiny_gguf(tiny_gguf, tmp_path):
   saved = json.loads((out / "results.json").read_text())
   assert saved["perplexity"] == res["perplexity"] and saved["eval_windows"] == 3
   assert saved["file_bytes"] == os.path.getsize(out / "model.cx")
+  assert saved["peak_rss_mb"] > 0
   assert len(saved["layer_errors"]) == 2 * 7
   model, params, tok = M.load_gguf(str(cache / "smollm2-135m" / os.path.basename(
       M.WHEELS["smollm2-135m"][2])))
