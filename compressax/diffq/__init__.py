@@ -16,4 +16,9 @@ from compressax.diffq._noise import *  # noqa: F401,F403
 from compressax.diffq._quantize import *  # noqa: F401,F403
 from compressax.diffq._size import *  # noqa: F401,F403
 
-__all__ = _bits.__all__ + _noise.__all__ + _size.__all__ + _quantize.__all__
+# The union of the private modules' __all__, in a form type checkers follow.
+__all__ = []
+__all__ += _bits.__all__
+__all__ += _noise.__all__
+__all__ += _size.__all__
+__all__ += _quantize.__all__

@@ -96,16 +96,19 @@ def _noise_dot(g, seeds, offset: int = 0) -> jax.Array:
     u = _uniform(seeds, (n_groups * gs,), offset).reshape(n_groups, gs)
     return jnp.sum(g * u, axis=1)
   first = jax.lax.iota(jnp.uint32, n_groups) * jnp.uint32(gs)
-  total = None
-  for c in range(gs):
+
+  def term(c: int) -> jax.Array:
     k = first + jnp.uint32(c)
     j = k >> 1
     if offset % 2 ** 32:
       j = j + jnp.uint32(offset % 2 ** 32)
     lane = (k & 1) * jnp.uint32(_LANE_BITS)
     codes = (_word(j, seeds) >> lane) & jnp.uint32((1 << _LANE_BITS) - 1)
-    term = g[:, c] * _unit(codes)
-    total = term if total is None else total + term
+    return g[:, c] * _unit(codes)
+
+  total = term(0)  # gs >= 1: a group holds at least one weight
+  for c in range(1, gs):
+    total = total + term(c)
   return total
 
 

@@ -64,7 +64,7 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 
 def kl_divergence(p_logits, q_logits, *, direction: str = "forward",
-                  temperature=1.0) -> jax.Array:
+                  temperature: float | jax.Array = 1.0) -> jax.Array:
   """KL divergence between the tempered softmax distributions of two logits.
 
   With ``p = softmax(p_logits / T)`` and ``q = softmax(q_logits / T)``:
@@ -102,7 +102,7 @@ def kl_divergence(p_logits, q_logits, *, direction: str = "forward",
   return 0.5 * (_kl(lp, lq) + _kl(lq, lp))
 
 
-def kd_loss(student_logits, teacher_logits, temperature=1.0) -> jax.Array:
+def kd_loss(student_logits, teacher_logits, temperature: float | jax.Array = 1.0) -> jax.Array:
   """Hinton distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``.
 
   The ``T^2`` factor keeps the gradient magnitude independent of ``T``.
@@ -170,7 +170,7 @@ def cross_entropy(logits, labels) -> jax.Array:
 
 
 def polino_loss(student_logits, teacher_logits, labels, *, alpha=0.7,
-                temperature=2.0) -> jax.Array:
+                temperature: float | jax.Array = 2.0) -> jax.Array:
   """Quantized-distillation loss ``alpha * kd + (1 - alpha) * CE``.
 
   ``alpha * T^2 KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) *
@@ -224,7 +224,7 @@ def _alpha_small(lp, lq, a):
 
 
 def alpha_divergence(student_logits, teacher_logits, alpha,
-                     temperature=1.0) -> jax.Array:
+                     temperature: float | jax.Array = 1.0) -> jax.Array:
   """Amari alpha-divergence ``D_alpha(teacher || student)`` of the softmaxes.
 
   With ``p = softmax(teacher / T)`` and ``q = softmax(student / T)``:

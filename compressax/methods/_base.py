@@ -81,6 +81,14 @@ class Method:
     """For pruning methods: the kept positions of the trained ``w``."""
     raise NotImplementedError
 
+  def assemble(self, w, u, v) -> jax.Array:
+    """For factoring methods: the dense view of ``w`` from factors ``u``, ``v``."""
+    raise NotImplementedError
+
+  def node(self, w, u, v) -> Any:
+    """For factoring methods: the stored node of ``w`` from factors ``u``, ``v``."""
+    raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class Chain(Method):

@@ -67,7 +67,7 @@ class Uniform(Method):
   def __post_init__(self):
     _check_bits("Uniform", self.bits, 2 if self.symmetric else 1)
 
-  def _kw(self):
+  def _kw(self) -> dict[str, Any]:
     return dict(bucket_size=self.bucket_size, symmetric=self.symmetric,
                 axis=self.axis)
 
@@ -143,16 +143,16 @@ class KMeans(Method):
   def wrap(self, inner, where):
     from compressax import optim as _optim  # local: optim imports methods' users
     from compressax import _select
-    mask = None
-    if self.pruned:
-      def mask(params):
-        return jax.tree_util.tree_map(
-            lambda x, s: x if _select.is_skip(x) else (
-                np.asarray(x) != 0 if s else np.asarray(True)),
-            params, _select.select(params, where), is_leaf=_select.is_leaf)
+    def pruned_mask(params):
+      return jax.tree_util.tree_map(
+          lambda x, s: x if _select.is_skip(x) else (
+              np.asarray(x) != 0 if s else np.asarray(True)),
+          params, _select.select(params, where), is_leaf=_select.is_leaf)
+
     return _optim.weight_sharing(inner, bits=self.bits,
                                  kmeans_init=self.kmeans_init,
-                                 kmeans_iters=self.iters, where=where, mask=mask)
+                                 kmeans_iters=self.iters, where=where,
+                                 mask=pruned_mask if self.pruned else None)
 
   def _codebook(self, values, k):
     uniq, codes = np.unique(values.reshape(-1), return_inverse=True)
@@ -286,7 +286,7 @@ class DiffQ(Method):
                        init_bits=self.init_bits, b_min=self.b_min,
                        b_max=self.b_max, min_size=0)  # validates the config
 
-  def _kw(self):
+  def _kw(self) -> dict[str, Any]:
     return dict(group_size=self.group_size, b_min=self.b_min, b_max=self.b_max)
 
   def init(self, path, w, key):

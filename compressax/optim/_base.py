@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import numpy as np
 import optax
+from jax.core import Tracer
 
 from compressax import _checks
 from compressax import _node
@@ -92,7 +93,7 @@ def join_extra_args(static: Static, dynamic: dict) -> dict:
   return {**{k: v.value for k, v in static.value}, **dynamic}
 
 
-def is_python_number(v) -> bool:
+def is_python_number(v) -> TypeGuard[int | float | np.number]:
   return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
 
@@ -141,7 +142,7 @@ def static_int(transform: str, name: str, v, static_args: str) -> int:
     TypeError: for a traced value, with the ``inject_hyperparams`` hint.
   """
   check_int(transform, name, v)
-  if isinstance(v, jax.core.Tracer):
+  if isinstance(v, Tracer):
     raise TypeError(
         f"{transform}: {name} sets array shapes, so it cannot be traced; "
         f"under optax.inject_hyperparams pass static_args=({static_args})")

@@ -105,7 +105,7 @@ def diffq_loss(task_loss: Callable[..., Any], *, penalty: float,
   """
   if penalty < 0:
     raise ValueError(f"diffq_loss: penalty must be >= 0, got {penalty}")
-  kw = dict(group_size=group_size, b_min=b_min, b_max=b_max)
+  kw: dict[str, Any] = dict(group_size=group_size, b_min=b_min, b_max=b_max)
 
   def loss(train, key, *args):
     p, logits = train["params"], train["bit_logits"]

@@ -50,7 +50,9 @@ class PruneState(NamedTuple):
       ``True`` on leaves that are never pruned.
     inner_state: the inner transform's state.
   """
-  count: jax.Array
+  # optax's name for the step counter; it shadows tuple.count, as in optax's
+  # own states (ScaleByAdamState.count).
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   masks: Any
   inner_state: Any
 
@@ -145,6 +147,8 @@ def _masked_training(inner, name: str, initial_masks: Callable[[Any], Any],
   ``is_update(count)``; neither: the masks are held.
   """
   if new_masks is not None:
+    if is_update is None:
+      raise TypeError(f"{name}: new_masks needs is_update (when to apply it)")
     rule = _Callables(new_masks, is_update)
   inner = _base.check_inner(inner, name)
   static_inner = _base.Static(inner)

@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -123,7 +124,8 @@ def quantized_distillation_loss(params, apply_fn: Callable[..., Any], inputs,
   References:
     Polino et al., ICLR 2018. https://arxiv.org/abs/1802.05668
   """
-  q = quantized_params.__wrapped__(params, bits, bucket_size=bucket_size, where=where)
+  # The undecorated function: no deprecation warning for this (current) use.
+  q = inspect.unwrap(quantized_params)(params, bits, bucket_size=bucket_size, where=where)
   logits = apply_fn(q, inputs)
   per_example = _distill.polino_loss(logits, teacher_logits, labels,
                                      alpha=alpha, temperature=temperature)

@@ -120,7 +120,7 @@ def _leaf_mask(kp, x, m):
   return None if m.all() else m
 
 
-def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
+def weight_sharing(inner: Union[optax.GradientTransformation, float, jax.Array], *,
                    n_clusters: Clusters | None = None,
                    bits: Clusters | None = None, kmeans_iters: int = 30,
                    kmeans_init: Union[str, Callable[[str, Any], str]] = "linear",
@@ -173,16 +173,19 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
     Han, Mao, Dally, ICLR 2016, section 3. https://arxiv.org/abs/1510.00149
   """
   name = "weight_sharing"
-  lr = None
+  # `opt` the transform updates use (None: SGD at the rate `lr`, built in
+  # the update), `init_opt` the one init makes the state with.
+  lr = opt = None
   if _base.is_python_number(inner):
-    inner = optax.sgd(float(inner))
+    init_opt = opt = optax.with_extra_args_support(optax.sgd(float(inner)))
   elif isinstance(inner, (jax.Array, np.ndarray)) and np.ndim(inner) == 0:
     # A learning rate as an array (optax.inject_hyperparams makes one): an
     # argument of the kernel, so a new value does not recompile.
-    lr, inner = inner, None
-  if inner is not None:
-    inner = optax.with_extra_args_support(_base.check_inner(inner, name))
-  static_inner = _base.Static(inner)
+    lr = inner
+    init_opt = optax.sgd(lr)  # SGD's state does not depend on the rate
+  else:
+    init_opt = opt = optax.with_extra_args_support(_base.check_inner(inner, name))
+  static_inner = _base.Static(opt)
   static_where = _base.Static(where)
   if (n_clusters is None) == (bits is None):
     raise ValueError(f"{name}: give exactly one of n_clusters and bits")
@@ -247,8 +250,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float], *,
       kept = treedef.unflatten([jnp.asarray(True) if m is None else m
                                 for _, _, m in triples])
     shadow = _shadow(params, cents, sel)
-    tx = optax.sgd(lr) if inner is None else inner
-    return WeightSharingState(codes, cents, tx.init(shadow), kept)
+    return WeightSharingState(codes, cents, init_opt.init(shadow), kept)
 
   def update(updates, state, params=None, **extra_args):
     _checks.check_tree(updates, name + ".update")

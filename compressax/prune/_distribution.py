@@ -100,11 +100,18 @@ def _erk_densities(xp, n, r, sparsity, dtype):
   n = xp.asarray(n, dtype)
   r = xp.asarray(r, dtype)
   budget = (1.0 - xp.asarray(sparsity).astype(dtype)) * xp.sum(n)
-  dense = xp.zeros(n.shape, bool)
-  for _ in range(len(n)):
+
+  def scale(dense):  # eps: what the leaves not yet dense share of the budget left
     free = xp.sum(xp.where(dense, 0.0, r * n))
     left = budget - xp.sum(xp.where(dense, n, 0.0))
-    eps = left / xp.maximum(free, xp.asarray(1e-30, dtype))
+    return left / xp.maximum(free, xp.asarray(1e-30, dtype))
+
+  # len(n) rounds (callers have >= 1 leaf): each makes dense the leaves that
+  # eps * r would push past density 1.
+  eps = scale(xp.zeros(n.shape, bool))
+  dense = eps * r > 1.0
+  for _ in range(len(n) - 1):
+    eps = scale(dense)
     dense = dense | (eps * r > 1.0)
   return xp.clip(xp.where(dense, 1.0, eps * r), 0.0, 1.0)
 

@@ -7,6 +7,7 @@ unselected leaves get a 0-d ``True`` (keep all).
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 import numpy as np
@@ -54,8 +55,9 @@ def per_leaf_sparsity(params, sparsity, pairs, flags) -> list:
   selected = [(p, x) for (p, x), f in zip(pairs, flags) if f]
   if _is_scalar(sparsity):
     out = [sparsity] * len(selected)
-  elif hasattr(sparsity, "shape"):
-    _rank.check_scalar("sparsity", sparsity)  # an array of several: an error
+  elif hasattr(sparsity, "shape"):  # not _is_scalar: an array of several numbers
+    _rank.check_scalar("sparsity", sparsity)
+    raise AssertionError(f"check_scalar accepted {sparsity!r}")  # it raises
   else:
     treedef = jax.tree_util.tree_structure(params, is_leaf=is_leaf)
     try:
@@ -86,7 +88,7 @@ def _is_scalar(s) -> bool:
   return hasattr(s, "shape") and hasattr(s, "dtype") and np.ndim(s) == 0
 
 
-def assemble(treedef, flags, masks) -> object:
+def assemble(treedef, flags, masks) -> Any:
   """A mask tree: ``masks`` (in order) at selected leaves, 0-d True elsewhere.
 
   A ``cx.SKIP`` marker of the params (whose flag is the marker itself) stays a

@@ -43,7 +43,7 @@ class MaskedArray(CompressedLeaf):
   Needs a concrete mask (call it outside ``jit``).
   """
 
-  value: object
+  value: jax.Array | CompressedLeaf
   mask: jax.Array
   shape: tuple = dataclasses.field(metadata=dict(static=True))
   dtype: np.dtype = dataclasses.field(metadata=dict(static=True))

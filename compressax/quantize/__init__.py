@@ -14,5 +14,11 @@ from compressax.quantize._lsq import *  # noqa: F401,F403
 from compressax.quantize._points import *  # noqa: F401,F403
 from compressax.quantize._uniform import *  # noqa: F401,F403
 
-__all__ = (_uniform.__all__ + _apply.__all__ + _lsq.__all__ + _kmeans.__all__
-           + _codebook.__all__ + _points.__all__)
+# (+= each module's list: a form type checkers follow.)
+__all__ = []
+__all__ += _uniform.__all__
+__all__ += _apply.__all__
+__all__ += _lsq.__all__
+__all__ += _kmeans.__all__
+__all__ += _codebook.__all__
+__all__ += _points.__all__
