@@ -98,6 +98,8 @@ def gptq(w, h, *, bits: int, group_size: int | None = None,
 
 def node_of(res: _sweep.Result, w, cfg: _sweep.Config) -> _grid.GroupQuantizedArray:
   """The stored form of a sweep's grid codes."""
+  if cfg.bits is None:
+    raise ValueError("node_of needs a quantizing sweep, got cfg.bits = None")
   dt = _grid.code_dtype(cfg.bits)
   d_in = w.shape[0]
   if cfg.act_order and cfg.group is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +188,15 @@ def check_bits(path, bits) -> int:
   return int(bits)
 
 
-def check_positive(path, name: str, v, *, optional: bool = False):
+@overload
+def check_positive(path, name: str, v, *, optional: Literal[False] = ...) -> int: ...
+
+
+@overload
+def check_positive(path, name: str, v, *, optional: bool) -> int | None: ...
+
+
+def check_positive(path, name: str, v, *, optional: bool = False) -> int | None:
   if v is None and optional:
     return None
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:

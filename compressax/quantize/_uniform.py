@@ -189,16 +189,17 @@ class _Layout:
     if self.bucket_size is None:
       return m
     moved = tuple(self.shape[i] for i in self.perm)
+    back = tuple(np.argsort(self.perm).tolist())  # the inverse permutation
     s = _sharding.explicit(like)
     if s is not None and not self.row_len % self.bucket_size:
       spec = tuple(s.spec) + (None,) * (len(self.shape) - len(s.spec))
       out = jnp.reshape(m, moved, out_sharding=NamedSharding(
           s.mesh, P(*(spec[i] for i in self.perm))))
-      return jnp.transpose(out, np.argsort(self.perm))
+      return jnp.transpose(out, back)
     if _sharding.explicit(m) is not None:
       m = _sharding.replicated(m)
     m = m.reshape(self.rows, -1)[:, :self.row_len]
-    out = jnp.transpose(m.reshape(moved), np.argsort(self.perm))
+    out = jnp.transpose(m.reshape(moved), back)
     return out if like is None else _sharding.like(out, like)
 
 
