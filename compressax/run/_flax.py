@@ -98,7 +98,11 @@ class CompressedParam(nnx.Param):
     if _node.is_compressed(value):
       if self.get_metadata().get("decode", True):
         value = decode(value)
-      return value if index is ... else value[index]
+        return value if index is ... else value[index]
+      if index is not ...:
+        raise TypeError("a CompressedParam with decode=False gives its node "
+                        "whole: read it with [...] or .value")
+      return value
     return super().get_value(index=index)
 
 
@@ -134,7 +138,8 @@ def set_compressed(model: nnx.Module, tree, *, decode: bool = True) -> nnx.Modul
       leaf = leaf.get_raw_value()
     if not _node.is_compressed(leaf):
       continue
-    obj, name = model, None
+    obj: Any = model  # then its children: modules, lists, dicts
+    name = None
     try:
       for k in path[:-1]:
         obj, _ = _child(obj, k)

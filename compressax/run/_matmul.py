@@ -25,6 +25,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -175,7 +177,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                          preferred_element_type=preferred_element_type, **kwargs)
 
 
-def promote_dtype(*args, dtype=None, inexact: bool = True):
+def promote_dtype(*args, dtype=None, inexact: bool = True) -> tuple[Any, ...] | list[Any]:
   """Flax's ``promote_dtype`` that passes compressed nodes through unchanged.
 
   Both calling conventions: linen's ``promote_dtype(x, kernel, bias,
