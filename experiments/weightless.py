@@ -21,10 +21,12 @@ The pipeline, every stage through compressax's public API:
 
 Two files are written: ``dc.cx``, the model right before encoding (every
 layer in Deep Compression's encoding), and ``model.cx``, the same model with
-the encoded layers as ``cx.weightless.BloomierArray``. Both test errors are
+the encoded layers as ``cx.weightless.BloomierArray``; with
+``--recluster-bits`` also ``pipeline.cx``, the Deep Compression model before
+re-clustering. Both test errors are
 measured on the weights decoded from the files; ``results.json`` compares
 the encoded layers' bytes both ways (the file's payload bytes of the leaf,
-``cx.size_report``), and, with ``--from``, against the starting file too.
+``cx.size_report``), and against ``pipeline.cx`` and the ``--from`` file.
 
 Run ``python -m experiments.weightless`` (LeNet-300-100 on the bundled
 digits) or, on MNIST::
@@ -310,7 +312,12 @@ def main(argv=None) -> dict:
   start_bytes = None
   if args.start is not None:
     start_bytes = {p: _leaf_bytes(cx.size_report(args.start), p) for p in encoded}
-  if args.recluster_bits is not None:
+  pipeline = None
+  if args.recluster_bits is not None:  # the pipeline's own file, for comparison
+    pipeline = train_lib.saved_run(os.path.join(args.out, "pipeline.cx"),
+                                   dc.quantize_biases(tree, args.bias_bits),
+                                   model, ds, args)
+    pipeline["report"] = cx.size_report(pipeline["file"])
     params = _recluster(model, tree, ds, args, encoded, curves, loss_fn)
   before = dc.quantize_biases(_shared_tree(params, bits_of), args.bias_bits)
   dc_run = train_lib.saved_run(os.path.join(args.out, "dc.cx"), before, model,
@@ -339,6 +346,10 @@ def main(argv=None) -> dict:
     layers[path] = {**_layer_stats(node, dense_before),
                     "weightless_bytes": wl_bytes, "dc_bytes": dc_bytes,
                     "dc_over_weightless": dc_bytes / wl_bytes}
+    if pipeline is not None:
+      layers[path]["pipeline_bytes"] = _leaf_bytes(pipeline["report"], path)
+      layers[path]["pipeline_over_weightless"] = \
+          layers[path]["pipeline_bytes"] / wl_bytes
     if start_bytes is not None:
       layers[path]["from_bytes"] = start_bytes[path]
       layers[path]["from_over_weightless"] = start_bytes[path] / wl_bytes
@@ -347,6 +358,8 @@ def main(argv=None) -> dict:
       "deep_compression": {"file": dc_run["file"], "file_bytes": dc_run["file_bytes"],
                            "ratio": dc_run["ratio"], "test_error": dc_run["test_error"],
                            "pipeline_test_error": dc_error},
+      "pipeline": None if pipeline is None else {
+          k: pipeline[k] for k in ("file", "file_bytes", "ratio", "test_error")},
       "from": args.start, "recluster_bits": args.recluster_bits,
       "retrain_epochs": args.retrain_epochs, "retrain_lr": args.retrain_lr,
       "keep": args.keep, "bits": args.bits, "bias_bits": args.bias_bits or None,

@@ -31,6 +31,11 @@ def test_weightless_smoke_results_agree_with_the_files(tmp_path):
   assert saved["deep_compression"]["test_error"] == _error(out / "dc.cx")
   assert saved["file_bytes"] == os.path.getsize(out / "model.cx")
   assert saved["order"] == ["params/ip1/kernel", "params/ip2/kernel"]
+  assert saved["pipeline"]["test_error"] == _error(out / "pipeline.cx")
+  pipe = {s.path: s for s in cx.size_report(out / "pipeline.cx").leaves}
+  leaf = pipe["params/ip1/kernel"]
+  assert saved["layers"]["params/ip1/kernel"]["pipeline_bytes"] == \
+      leaf.value_bytes + leaf.index_bytes
 
   wl = cx.load(out / "model.cx", keep_compressed=True)["params"]
   before = cx.load(out / "dc.cx", keep_compressed=True)["params"]
