@@ -142,7 +142,8 @@ def _compressed_totals(state: cx.optim.AdaCompState) -> jax.Array:
   Over the compressed leaves; per device (no extra collective in the step),
   one array (every step output is a buffer per device); sum on the host.
   """
-  chosen = np.array([r.ndim > 0 for r in jax.tree.leaves(state.residual)])
+  chosen = np.array([not cx.is_skip(r) for r in
+                     jax.tree.leaves(state.residual, is_leaf=cx.is_skip)])
   return jnp.stack([jnp.sum(state.sent.astype(jnp.float32)[chosen]),
                     jnp.sum(state.bits[0][chosen]),
                     jnp.sum(state.bits[1][chosen])])

@@ -39,7 +39,8 @@ class AdaCompState(NamedTuple):
     residual: per selected leaf, the gradient mass not sent yet, in the
       gradient's dtype, flattened and zero-padded to whole bins: shape
       ``(n_bins, L_T)`` (:func:`adacomp_residual` gives it back in the
-      leaf's shape); a 0-d zero for leaves sent densely.
+      leaf's shape); :data:`cx.SKIP <compressax.SKIP>` for leaves sent
+      densely.
     sent: int32 ``(n_leaves,)``, per leaf in tree order: the elements sent
       at the last step (a leaf sent densely counts all of them).
     bits: float32 ``(2, n_leaves)``: row 0 the bits each leaf sent at the
@@ -58,7 +59,8 @@ class AdaCompState(NamedTuple):
   bits: jax.Array
 
   def _per_leaf(self, rows) -> Any:
-    treedef = jax.tree_util.tree_structure(self.residual)
+    treedef = jax.tree_util.tree_structure(self.residual,
+                                           is_leaf=_select.is_skip)
     return treedef.unflatten([rows[..., i] for i in range(rows.shape[-1])])
 
   @property
@@ -174,8 +176,8 @@ def adacomp_residual(state: "AdaCompState", params) -> Any:
   _checks.check_same_structure("adacomp_residual", params, state.residual,
                                what="residual")
   def one(kp, x, r):
-    if r.ndim == 0:
-      return jnp.zeros(np.shape(x), r.dtype)
+    if _select.is_skip(r):
+      return jnp.zeros(np.shape(x), _dtype(x))
     if r.ndim != 2 or r.size < np.size(x):
       _checks.fail(kp, f"adacomp_residual: a residual of shape {r.shape} "
                        f"cannot hold a leaf of shape {np.shape(x)} (a state "
@@ -247,7 +249,7 @@ def adacomp(*, bin_size_conv: int = 50, bin_size_fc: int = 500,
     sel = _base.selection(params, where, "adacomp", "compressed")
     def residual(x, s):
       if not s:
-        return jnp.zeros((), _dtype(x))
+        return _select.SKIP
       return jnp.zeros((-(-x.size // config.bin_size(x)), config.bin_size(x)),
                        x.dtype)
     leaves = jax.tree_util.tree_leaves(params, is_leaf=_select.is_leaf)

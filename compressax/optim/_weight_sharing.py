@@ -58,14 +58,14 @@ class WeightSharingState(NamedTuple):
     codes: per selected leaf, the cluster index of every weight (the leaf's
       shape), in the smallest unsigned dtype that holds it (``uint8`` up to
       256 clusters, ``uint16`` up to 65536, else ``int32``: the codes are
-      read twice per step, so their width is part of the step's cost); 0-d
-      int32 ``-1`` on leaves trained normally.
+      read twice per step, so their width is part of the step's cost);
+      :data:`cx.SKIP <compressax.SKIP>` on leaves trained normally.
     centroids: per selected leaf, the ``K`` shared values (float, the leaf's
-      dtype); 0-d zero on leaves trained normally.
+      dtype); ``cx.SKIP`` on leaves trained normally.
     inner_state: the inner optimizer's state over the centroids (selected
       leaves) and the params (other leaves).
     mask: ``None`` without a mask; otherwise per leaf the bool array of kept
-      weights (selected, pruned leaves) or a 0-d ``True``.
+      weights (selected, pruned leaves), or ``cx.SKIP`` (no mask there).
   """
   codes: Any
   centroids: Any
@@ -214,14 +214,14 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float, jax.Array],
       if _select.is_skip(x):  # a marker (a Plan's side state) stays one
         return x, x, None
       if not s:
-        return jnp.full((), -1, jnp.int32), jnp.zeros((), x.dtype), None
+        return _select.SKIP, _select.SKIP, None
       _checks.check_floating(kp, x)
       init_name = (kmeans_init(_select.path_str(kp), x) if callable(kmeans_init)
                    else kmeans_init)
       if init_name not in _INITS:
         _checks.fail(kp, f"{name}: kmeans_init must give one of {_INITS}, "
                          f"got {init_name!r}")
-      m = None if m is None else _leaf_mask(kp, x, m)
+      m = None if m is None or _select.is_skip(m) else _leaf_mask(kp, x, m)
       if m is None:
         _checks.check_finite(kp, x)
         k = _clusters_for(n_clusters, bits, kp, x)
@@ -247,7 +247,7 @@ def weight_sharing(inner: Union[optax.GradientTransformation, float, jax.Array],
     cents = treedef.unflatten([c for _, c, _ in triples])
     kept = None
     if given is not None:
-      kept = treedef.unflatten([jnp.asarray(True) if m is None else m
+      kept = treedef.unflatten([_select.SKIP if m is None else m
                                 for _, _, m in triples])
     shadow = _shadow(params, cents, sel)
     return WeightSharingState(codes, cents, init_opt.init(shadow), kept)
@@ -278,13 +278,13 @@ def _update(inner, where, extra_static, updates, state, params, lr,
   _base.check_node_updates(updates, "weight_sharing")
   leaf = _select.is_leaf
 
-  masks = (jax.tree_util.tree_map(lambda _: jnp.asarray(True), state.codes)
+  masks = (jax.tree_util.tree_map(lambda _: _select.SKIP, state.codes)
            if state.mask is None else state.mask)
 
   def cgrad(g, codes, c, s, m):
     if not s:
       return g
-    if m.ndim:
+    if not _select.is_skip(m):
       g = jnp.where(m, g, jnp.zeros_like(g))
     # Summed on gathered copies, in the unsharded order: the centroids stay
     # bit-identical on any mesh (a sharded scatter-add would add the
@@ -314,7 +314,7 @@ def _update(inner, where, extra_static, updates, state, params, lr,
     rows = _sharding.take(jnp.stack([c, d], axis=1), codes, mode="clip")
     old_c, step_c = rows[..., 0], rows[..., 1]
     out = jnp.where(p == old_c, step_c, (old_c + step_c) - p)
-    if m.ndim:
+    if not _select.is_skip(m):
       # `p + (-p)` is exactly zero: pruned weights land on, and stay at, 0.
       out = jnp.where(m, out, -p)
     return out.astype(p.dtype), new_c
@@ -357,7 +357,7 @@ def shared_params(params, state: WeightSharingState, where: _select.Where = None
 
   def get(kp, p, codes, c, m):
     v = _sharding.take(c, codes).astype(p.dtype)
-    return jnp.where(m, v, jnp.zeros_like(v)) if m.ndim else v
+    return v if _select.is_skip(m) else jnp.where(m, v, jnp.zeros_like(v))
 
   return _select.map_selected(get, params, state.codes, state.centroids,
                               state.mask, where=where)
