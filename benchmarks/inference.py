@@ -277,27 +277,31 @@ def prepare(args, variants):
   return {"variant": "prepare"}
 
 
-def table(rows, floor) -> str:
+def table(rows, floor, speed) -> str:
+  """Ratios to float32 at the same batch; tokens/s from the median call, and
+  the ratio of the fastest calls beside it (robust to a burst of load)."""
   base = {r["batch"]: r for r in rows if r["variant"] == "float32"}
-  lines = ["| variant | batch | tokens/s | x float32 | XLA bytes (MB) | x float32 | "
-           "RSS eval (MB) | x float32 | RSS - runtime | x float32 | ppl | "
-           "ppl materialized |",
+  lines = ["| variant | batch | tokens/s | x float32 | x float32 (fastest calls) | "
+           "params (MB) | XLA bytes (MB) | x float32 | RSS eval (MB) | "
+           "RSS - runtime, x float32 | ppl | ppl materialized |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     b = base.get(r["batch"])
-    if b is None or "error" in r:
-      lines.append(f"| {r['variant']} | {r['batch']} | {r.get('error', 'no baseline')} |"
+    if b is None or "error" in r or "tokens_per_s" not in r:
+      lines.append(f"| {r['variant']} | {r['batch']} | {r.get('error', 'not measured')} |"
                    + " |" * 9)
       continue
-    net, bnet = r["rss_eval_bytes"] - floor, b["rss_eval_bytes"] - floor
-    ppl = f"{r['ppl']:.4f}" if "ppl" in r else ""
-    pm = f"{r['ppl_materialized']:.4f}" if "ppl_materialized" in r else ""
+    times = speed[r["batch"]]["all_seconds"]
+    fastest = min(times["float32"]) / min(times[r["variant"]])
+    net = (r["rss_eval_bytes"] - floor) / (b["rss_eval_bytes"] - floor)
+    ppl = f"{r['ppl']:.3f}" if "ppl" in r else ""
+    pm = f"{r['ppl_materialized']:.3f}" if "ppl_materialized" in r else ""
     lines.append(
         f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-        f"{r['tokens_per_s'] / b['tokens_per_s']:.2f} | {r['xla_bytes'] / 1e6:.0f} | "
-        f"{r['xla_bytes'] / b['xla_bytes']:.2f} | {r['rss_eval_bytes'] / 1e6:.0f} | "
-        f"{r['rss_eval_bytes'] / b['rss_eval_bytes']:.2f} | {net / 1e6:.0f} | "
-        f"{net / bnet:.2f} | {ppl} | {pm} |")
+        f"{r['tokens_per_s'] / b['tokens_per_s']:.2f} | {fastest:.2f} | "
+        f"{r['param_bytes'] / 1e6:.0f} | {r['xla_bytes'] / 1e6:.0f} | "
+        f"{r['xla_bytes'] / b['xla_bytes']:.3f} | {r['rss_eval_bytes'] / 1e6:.0f} | "
+        f"{net:.2f} | {ppl} | {pm} |")
   return "\n".join(lines)
 
 
@@ -313,6 +317,8 @@ def main(argv=None):
   p.add_argument("--data", default=DATA, help="tiny-shakespeare")
   p.add_argument("--cache", default=models_lm.CACHE, help="model file cache")
   p.add_argument("--out", default="runs/inference", help="output directory")
+  p.add_argument("--table", action="store_true",
+                 help="print the table of the results.json in --out and exit")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -327,6 +333,12 @@ def main(argv=None):
            prepare(args, variants) if args.worker == "prepare" else
            speed_worker(args) if args.worker == "speed" else worker(args))
     print(json.dumps(out))
+    return
+  if args.table:   # print the table of an earlier run's results.json
+    with open(os.path.join(args.out, "results.json")) as f:
+      r = json.load(f)
+    print(table(r["rows"], r["runtime"]["rss_bytes"],
+                {int(k): v for k, v in r["speed"].items()}))
     return
   batches = [int(b) for b in args.batches.split(",")]
   start = time.time()
@@ -373,7 +385,7 @@ def main(argv=None):
             "wall_time_s": time.time() - start}
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(result, f, indent=2)
-  print(table(rows, floor["rss_bytes"]))
+  print(table(rows, floor["rss_bytes"], speed))
   print(f"load average {load} -> {result['loadavg_end']}; {os.cpu_count()} CPUs")
 
 

@@ -180,7 +180,9 @@ def test_linen_intercept_equals_materialized(kind):
   with cx.run.intercept():
     got = jax.jit(_apply)(params, x)
     got_vmap = jax.jit(jax.vmap(_apply, in_axes=(None, 0)))(params, x[:, None])
+    dense_too = jax.jit(_apply)(cx.materialize(params), x)   # dense kernels: unchanged
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(dense_too), np.asarray(want))
   np.testing.assert_array_equal(np.asarray(got_vmap[:, 0]), np.asarray(want))
 
 
