@@ -26,7 +26,7 @@ DOCS = ROOT / "docs"
 COLAB = ROOT / "colab"
 
 MODULES = ["quantize", "prune", "lowrank", "distill", "diffq", "optim", "io",
-           "methods", "weightless"]
+           "methods", "weightless", "run"]
 NOTEBOOKS = ["quickstart.ipynb", "compression_aware_training.ipynb"]
 CODE_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 TABLE = re.compile(r"<!-- api-table: (\w+) -->\n(.*?)<!-- /api-table -->", re.S)

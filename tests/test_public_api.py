@@ -22,7 +22,7 @@ import compressax as cx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Public modules every user relies on; a missing one must fail, not skip.
 MODULES = ["quantize", "prune", "lowrank", "distill", "diffq", "optim", "io",
-           "weightless"]
+           "weightless", "run"]
 NAME = re.compile(r"`(cx\.[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 
 
