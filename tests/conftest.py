@@ -21,3 +21,22 @@ hypothesis.settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drop JAX's compiled programs after each test module.
+
+  The whole suite runs in one process and compiles thousands of XLA:CPU
+  programs. Each keeps its code mapped, and a long run approaches the
+  kernel's per-process limit on memory maps (``vm.max_map_count``, 65530 by
+  default), past which XLA's compiler crashes. Modules do not share programs
+  they rely on, so clearing between modules only costs recompiles.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
