@@ -8,6 +8,11 @@ embedding, tied head and norms stay float32) is stored as
   ``bits=8, symmetric=True``), dequantized at use;
 * ``int4-g128``: weight-only 4-bit, asymmetric, groups of 128 input rows
   (``rtn`` ``bits=4, group_size=128``), two codes per byte, dequantized at use;
+* ``int4-all``: ``int4-g128``, and the tied embedding table too: kept as
+  the head's kernel ``E.T (576, 49152)``, 4-bit in groups of 128 along the
+  width (one grid per token); the embedding lookup decodes the tokens'
+  columns (``cx.run.columns``), the head decodes 4,096 vocabulary columns
+  at a time;
 * ``w8a8``: the int8 kernels with int8 per-token activations, integer
   matmuls (``cx.run.pack(..., activations=8)``);
 * ``sparse-2of4``, ``sparse-0.5``: magnitude-pruned kernels (2 of every 4
@@ -72,11 +77,12 @@ import numpy as np  # noqa: E402
 import compressax as cx  # noqa: E402
 from experiments.llm import models as models_lm  # noqa: E402
 
-VARIANTS = ["float32", "int8", "int4-g128", "w8a8", "qwix-int8", "qwix-int4-g64",
+VARIANTS = ["float32", "int8", "int4-g128", "int4-all", "w8a8", "qwix-int8", "qwix-int4-g64",
             "qwix-w8a8", "sparse-2of4", "sparse-0.5"]
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "..", "shared", "data", "tinyshakespeare.txt")
 CHUNK = 128
+VOCAB_TILE = 4096
 
 
 def compress(variant: str, params):
@@ -92,10 +98,14 @@ def compress(variant: str, params):
       mask = cx.prune.magnitude_mask(blocks, float(variant.split("-")[1]))
     return dict(params, blocks=cx.prune.mask_to_nodes(blocks, mask))
   kw = {"int8": dict(bits=8, symmetric=True), "w8a8": dict(bits=8, symmetric=True),
-        "int4-g128": dict(bits=4, group_size=128)}[variant]
+        "int4-g128": dict(bits=4, group_size=128),
+        "int4-all": dict(bits=4, group_size=128)}[variant]
   blocks = [cx.map_selected(lambda p, w: cx.oneshot.rtn(w, **kw, path=p), b)
             for b in params["blocks"]]
   blocks = cx.run.pack(blocks, activations=8 if variant == "w8a8" else None)
+  if variant == "int4-all":   # the tied table as the head's kernel (width, vocab)
+    table = cx.run.pack(cx.oneshot.rtn(params["embed"].T, **kw, path="embed"))
+    return dict(params, blocks=blocks, embed=table)
   return dict(params, blocks=blocks)
 
 
@@ -107,12 +117,34 @@ def from_tree(tree):
   return dict(tree, blocks=[tree["blocks"][k] for k in sorted(tree["blocks"])])
 
 
+def embed(table, tokens):
+  """Rows of the tied table: ``(vocab, d)`` dense, or a ``(d, vocab)`` node."""
+  if cx.is_compressed(table):
+    return jnp.moveaxis(cx.run.columns(table, tokens), 0, -1)
+  return jnp.take(table, tokens, axis=0)
+
+
+def logits(table, x):
+  """The tied head. A compressed ``(d, vocab)`` table is decoded
+  ``VOCAB_TILE`` columns at a time, so one tile's floats are alive."""
+  if not cx.is_compressed(table):
+    return x @ table.T
+  vocab = table.shape[1]
+  ids = jnp.arange(vocab, dtype=jnp.int32)
+  tiles = ids[:vocab - vocab % VOCAB_TILE].reshape(-1, VOCAB_TILE)
+  out = jax.lax.map(lambda i: x @ cx.run.columns(table, i), tiles)
+  out = jnp.moveaxis(out, 0, -2).reshape(x.shape[:-1] + (-1,))
+  if vocab % VOCAB_TILE:
+    out = jnp.concatenate([out, x @ cx.run.columns(table, ids[tiles.size:])], axis=-1)
+  return out
+
+
 def make_nll(model, block_apply):
   """Summed next-token NLL of ``tokens (batch, context)``, head in chunks."""
   cfg = model.cfg
 
   def nll(params, tokens):
-    x = model.embed(params, tokens)
+    x = embed(params["embed"], tokens)
     for p in params["blocks"]:
       x = block_apply(p, x)
     x = models_lm.RMSNorm(cfg.eps).apply({"params": params["norm"]}, x)
@@ -123,7 +155,7 @@ def make_nll(model, block_apply):
 
     def chunk(args):
       xc, tc, wc = args
-      logp = jax.nn.log_softmax(xc @ params["embed"].T, axis=-1)
+      logp = jax.nn.log_softmax(logits(params["embed"], xc), axis=-1)
       return -jnp.sum(jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0] * wc[None])
 
     xs = (jnp.moveaxis(x.reshape(b, n, CHUNK, d), 1, 0),
@@ -250,6 +282,8 @@ def worker(args) -> dict:
       out["ppl"] = _ppl([float(f(params, w)) for w in evals], args.context)
     if args.variant != "float32" and not qwix_run:
       dense, f = cx.materialize(params), jax.jit(nll)
+      if cx.is_compressed(params["embed"]):   # kept as (width, vocab)
+        dense["embed"] = dense["embed"].T
       out["ppl_materialized"] = _ppl([float(f(dense, w)) for w in evals], args.context)
   out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return out

@@ -46,6 +46,23 @@ def test_pack_decodes_to_the_same_kernel(bits, group_size, symmetric, d_in):
   k.validate()
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric,d_in",
+                         [(4, 16, False, 37), (8, None, True, 24), (3, 8, False, 20)])
+def test_columns_equal_the_decoded_columns(bits, group_size, symmetric, d_in):
+  k = cx.run.pack(_gq(_w((d_in, 50)), bits, group_size, symmetric))
+  ids = jnp.asarray(np.random.default_rng(bits).integers(0, 50, (3, 7)), jnp.int32)
+  want = np.asarray(cx.run.decode(k))[:, np.asarray(ids)]
+  got = jax.jit(cx.run.columns)(k, ids)
+  assert got.shape == (d_in, 3, 7)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # Any other node is decoded whole, then taken.
+  masked = cx.prune.mask_to_nodes(_w((d_in, 50)), _w((d_in, 50)) > 0)
+  np.testing.assert_array_equal(np.asarray(cx.run.columns(masked, ids)),
+                                np.asarray(masked.materialize())[:, np.asarray(ids)])
+  with pytest.raises(TypeError, match="integers"):
+    cx.run.columns(k, jnp.zeros((2,)))
+
+
 def test_pack_hqq_float_zero():
   g = cx.oneshot.hqq(_w((64, 8)), bits=4, group_size=32)
   k = cx.run.pack(g)

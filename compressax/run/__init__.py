@@ -9,7 +9,9 @@ codes plus one layer's float weights instead of the float model:
   (int8 activations with per-token scales times int8 weights with
   per-column scales, int32 accumulation).
 * :class:`QuantizedKernel` and :func:`pack`: GPTQ/RTN/HQQ kernels in their
-  run-time layout (4-bit codes two to a byte), optionally marked W8A8.
+  run-time layout (4-bit codes two to a byte), optionally marked W8A8;
+  :func:`columns` for an embedding lookup from a tied table kept as the
+  head's kernel.
 * Flax: :func:`intercept` (linen ``nn.Dense``), :class:`CompressedParam`
   and :func:`set_compressed` (nnx), :func:`promote_dtype` for layers'
   ``promote_dtype=`` hook.
@@ -19,6 +21,7 @@ from compressax.run._flax import CompressedParam
 from compressax.run._flax import intercept
 from compressax.run._flax import set_compressed
 from compressax.run._kernel import QuantizedKernel
+from compressax.run._kernel import columns
 from compressax.run._kernel import decode
 from compressax.run._kernel import pack
 from compressax.run._matmul import dot_general
@@ -29,6 +32,7 @@ from compressax.run._matmul import quantize_tokens
 __all__ = [
     "CompressedParam",
     "QuantizedKernel",
+    "columns",
     "decode",
     "dot_general",
     "intercept",

@@ -23,7 +23,7 @@ from compressax import _node
 from compressax._select import map_selected
 from compressax.oneshot import _grid
 
-__all__ = ["QuantizedKernel", "decode", "pack"]
+__all__ = ["QuantizedKernel", "columns", "decode", "pack"]
 
 
 def _packed(bits: int) -> bool:
@@ -156,6 +156,46 @@ def decode(node) -> jax.Array:
                             bool(node.symmetric), node.group_size,
                             np.zeros((0,), np.int32), np.dtype(node.dtype))
   return node.materialize()
+
+
+def columns(node, ids) -> jax.Array:
+  """``decode(node)[:, ids]``, decoding only the columns it takes.
+
+  The lookup of an embedding table kept as its transpose: a tied table
+  ``E (vocab, d)`` stored as the kernel ``E.T (d, vocab)`` (so the output
+  head is ``cx.run.matmul(x, node)``, groups running along ``d``) gives the
+  embeddings of ``tokens`` as ``columns(node, tokens)``, of shape ``(d,
+  *tokens.shape)``; move the first axis last for ``(..., d)``. For a
+  :class:`QuantizedKernel` only the taken columns' codes, scales and zero
+  points are gathered and dequantized, bit for bit the same values as the
+  whole decode; any other node (or a dense array) is decoded first.
+
+  Args:
+    node: a kernel ``(d_in, d_out)``: a compressed node or an array.
+    ids: integer indices into ``d_out``, any shape.
+
+  Returns:
+    ``(d_in, *ids.shape)`` in the node's dtype.
+
+  Example:
+    >>> table = jax.random.normal(jax.random.key(0), (1000, 64))   # (vocab, d)
+    >>> node = cx.run.pack(cx.oneshot.rtn(table.T, bits=4, group_size=32))
+    >>> cx.run.columns(node, jnp.array([[3, 7]])).shape
+    (64, 1, 2)
+  """
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"ids must be integers, got {ids.dtype}")
+  if not isinstance(node, QuantizedKernel):
+    return jnp.take(decode(node), ids, axis=1)
+  flat = ids.reshape(-1)
+  d_in = int(node.shape[0])
+  codes = unpack(jnp.take(node.codes, flat, axis=1), int(node.bits), d_in)
+  zero = node.zero if node.symmetric else jnp.take(node.zero, flat, axis=1)
+  dense = _grid.dequantize(codes, jnp.take(node.scale, flat, axis=1), zero,
+                           int(node.bits), bool(node.symmetric), node.group_size,
+                           np.zeros((0,), np.int32), np.dtype(node.dtype))
+  return dense.reshape((d_in,) + ids.shape)
 
 
 def _pack_one(path, node, activations):
