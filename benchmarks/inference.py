@@ -15,6 +15,11 @@ embedding, tied head and norms stay float32) is stored as
   at a time;
 * ``w8a8``: the int8 kernels with int8 per-token activations, integer
   matmuls (``cx.run.pack(..., activations=8)``);
+* ``w8a8-smooth``: W8A8 with SmoothQuant's smoothing (``cx.run.w8a8``,
+  ``alpha`` 0.5), the activation scale of each input channel being its RMS
+  over ``CALIB_WINDOWS`` windows of 512 tokens from the first 90% of
+  tiny-shakespeare in the float model (``sqrt(diag(h) / 2)`` of
+  ``cx.oneshot.block_hessians``, block by block);
 * ``sparse-2of4``, ``sparse-0.5``: magnitude-pruned kernels (2 of every 4
   input rows per column, ``cx.prune.nm_mask``; half of each kernel,
   ``cx.prune.magnitude_mask``) as ``cx.prune.MaskedArray`` nodes (float32
@@ -77,18 +82,39 @@ import numpy as np  # noqa: E402
 import compressax as cx  # noqa: E402
 from experiments.llm import models as models_lm  # noqa: E402
 
-VARIANTS = ["float32", "int8", "int4-g128", "int4-all", "w8a8", "qwix-int8", "qwix-int4-g64",
+VARIANTS = ["float32", "int8", "int4-g128", "int4-all", "w8a8", "w8a8-smooth", "qwix-int8", "qwix-int4-g64",
             "qwix-w8a8", "sparse-2of4", "sparse-0.5"]
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "..", "shared", "data", "tinyshakespeare.txt")
 CHUNK = 128
+CALIB_WINDOWS = 8
 VOCAB_TILE = 4096
 
 
-def compress(variant: str, params):
-  """The params of a variant: block kernels as nodes (or float32)."""
+def act_scales(model, params, windows):
+  """Per block, ``{kernel path: RMS of each input channel}`` in the float model."""
+  x = jnp.concatenate([model.embed(params, jnp.asarray(w[None])) for w in windows])
+  out = []
+  for p in params["blocks"]:
+    paths = [cx.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(p)[0]
+             if cx.path_str(k).endswith("kernel")]
+    hs = cx.oneshot.block_hessians(model.block_apply, p, [x], paths)
+    out.append({k: jnp.sqrt(jnp.diagonal(h) / 2) for k, (h, _) in hs.items()})
+    x = model.block_apply(p, x)
+  return out
+
+
+def compress(variant: str, params, calib=None):
+  """The params of a variant: block kernels as nodes (or float32).
+
+  ``calib``: ``(model, windows)`` for the variants that calibrate."""
   if variant == "float32":
     return params
+  if variant == "w8a8-smooth":
+    scales = act_scales(*calib[:1], params, calib[1])
+    blocks = [cx.map_selected(lambda p, w, a=a: cx.run.w8a8(w, a[cx.path_str(p)], path=p), b)
+              for b, a in zip(params["blocks"], scales)]
+    return dict(params, blocks=blocks)
   if variant.startswith("sparse-"):
     blocks = params["blocks"]
     if variant == "sparse-2of4":
@@ -306,8 +332,11 @@ def prepare(args, variants):
   n = len(ids) // args.context
   np.save(os.path.join(args.out, "windows.npy"),
           ids[:n * args.context].reshape(n, args.context))
+  train = np.asarray(tok.encode(text[:int(0.9 * len(text))]).ids, np.int32)
+  starts = np.linspace(0, len(train) - 512, CALIB_WINDOWS).astype(int)
+  calib = (model, [train[i:i + 512] for i in starts])
   for v in {"float32"} | {v for v in variants if not v.startswith("qwix-")}:
-    cx.save(os.path.join(args.out, f"{v}.cx"), to_tree(compress(v, params)))
+    cx.save(os.path.join(args.out, f"{v}.cx"), to_tree(compress(v, params, calib)))
   return {"variant": "prepare"}
 
 

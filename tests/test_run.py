@@ -56,6 +56,9 @@ def test_columns_equal_the_decoded_columns(bits, group_size, symmetric, d_in):
   assert got.shape == (d_in, 3, 7)
   np.testing.assert_array_equal(np.asarray(got), want)
   # Any other node is decoded whole, then taken.
+  smoothed = cx.run.w8a8(_w((d_in, 50)), jnp.linspace(0.5, 4.0, d_in))
+  np.testing.assert_array_equal(np.asarray(cx.run.columns(smoothed, ids)),
+                                np.asarray(cx.run.decode(smoothed))[:, np.asarray(ids)])
   masked = cx.prune.mask_to_nodes(_w((d_in, 50)), _w((d_in, 50)) > 0)
   np.testing.assert_array_equal(np.asarray(cx.run.columns(masked, ids)),
                                 np.asarray(masked.materialize())[:, np.asarray(ids)])
@@ -97,12 +100,14 @@ def test_pack_errors_name_the_leaf():
 
 def test_save_load_round_trip(tmp_path):
   tree = {"k": cx.run.pack(_gq(_w((15, 6)), 4, 8)),
-          "q": cx.run.pack(_gq(_w((8, 6)), 8, symmetric=True), activations=8)}
+          "q": cx.run.pack(_gq(_w((8, 6)), 8, symmetric=True), activations=8),
+          "s": cx.run.w8a8(_w((8, 6)), jnp.arange(1.0, 9.0))}
   cx.save(tmp_path / "m.cx", tree)
   back = cx.load(tmp_path / "m.cx", keep_compressed=True)
   for name in tree:
     assert back[name].activations == tree[name].activations
     np.testing.assert_array_equal(np.asarray(back[name].codes), np.asarray(tree[name].codes))
+    np.testing.assert_array_equal(np.asarray(back[name].smooth), np.asarray(tree[name].smooth))
     np.testing.assert_array_equal(np.asarray(back[name].materialize()),
                                   np.asarray(tree[name].materialize()))
 
@@ -110,6 +115,7 @@ def test_save_load_round_trip(tmp_path):
 NODES = {
     "packed4": lambda w: cx.run.pack(_gq(w, 4, 16)),
     "gq8": lambda w: _gq(w, 8),
+    "smoothed": lambda w: cx.run.pack(cx.run.w8a8(w, jnp.linspace(0.1, 9.0, w.shape[0]))),
     "uniform": lambda w: cx.quantize.quantize(w, 4, axis=-1),
     "masked": lambda w: cx.prune.MaskedArray(value=w, mask=jnp.abs(w) > 0.5,
                                              shape=w.shape, dtype=w.dtype),
@@ -150,6 +156,74 @@ def test_w8a8_matches_numpy_float64(seed):
   # And it approximates the float product (int8 on both sides).
   rel = np.linalg.norm(got - np.asarray(x @ w)) / np.linalg.norm(np.asarray(x @ w))
   assert rel < 0.03
+
+
+def _smooth_reference(w, act, alpha):
+  """SmoothQuant eq. 4 in float64: s_j = a_j^alpha / max_k |w_jk|^(1 - alpha)."""
+  wmax = np.max(np.abs(np.asarray(w, np.float64)), axis=1)
+  return np.asarray(act, np.float64) ** alpha / wmax ** (1 - alpha)
+
+
+@pytest.mark.parametrize("seed,alpha", [(0, 0.5), (1, 0.8), (2, 0.0)])
+def test_w8a8_smoothed_matches_numpy_float64(seed, alpha):
+  w = _w((96, 24), seed)
+  x = _w((5, 96), seed + 10) * (1.0 + 40.0 * (jnp.arange(96) % 17 == 0).astype(jnp.float32))[None]
+  act = jnp.max(jnp.abs(x), axis=0)
+  k = cx.run.w8a8(w, act, alpha=alpha)
+  s = np.asarray(k.smooth, np.float64)
+  np.testing.assert_allclose(s, _smooth_reference(w, act, alpha), rtol=1e-5)
+  # The codes are the 8-bit symmetric codes of diag(s) w ...
+  g = _gq(w * k.smooth[:, None], 8, symmetric=True)
+  np.testing.assert_array_equal(np.asarray(k.codes), np.asarray(g.codes))
+  # ... and the layer quantizes x / s per token.
+  got = np.asarray(jax.jit(cx.run.matmul)(x, k), np.float64)
+  want = _w8a8_reference(np.asarray(x, np.float32) / np.asarray(k.smooth), g.codes, g.scale)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  # Its dense value is within half a step of w, the step divided by s_j.
+  bound = 0.5 * np.asarray(g.scale)[0][None, :] / s[:, None]
+  assert np.all(np.abs(np.asarray(k.materialize(), np.float64) - np.asarray(w))
+                <= bound * (1 + 1e-4))   # float32 rounding of w * s and of the division
+
+
+def test_w8a8_smoothing_helps_outlier_channels():
+  # SmoothQuant's premise: a few channels 50x larger than the rest ruin
+  # per-token int8 codes; moving their range into the weights recovers it.
+  w = _w((128, 64))
+  x = _w((256, 128), 1).at[:, ::32].multiply(50.0)
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  err = {}
+  for name, act in [("plain", None), ("smooth", jnp.max(jnp.abs(x), axis=0))]:
+    y = np.asarray(cx.run.matmul(x, cx.run.w8a8(w, act)), np.float64)
+    err[name] = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+  assert err["smooth"] < 0.5 * err["plain"], err
+  # Without scales it is the kernel that pack() makes.
+  plain = cx.run.w8a8(w)
+  packed = cx.run.pack(_gq(w, 8, symmetric=True), activations=8)
+  assert plain.smooth.shape == (0,)
+  np.testing.assert_array_equal(np.asarray(plain.codes), np.asarray(packed.codes))
+  np.testing.assert_array_equal(np.asarray(plain.scale), np.asarray(packed.scale))
+
+
+def test_w8a8_smoothing_errors_name_the_leaf():
+  w = _w((16, 4))
+  with pytest.raises(ValueError, match=r"blk/kernel.*shape \(16,\)"):
+    cx.run.w8a8(w, jnp.ones(15), path="blk/kernel")
+  with pytest.raises(ValueError, match=r"blk/kernel.*act_scale"):
+    cx.run.w8a8(w, -jnp.ones(16), path="blk/kernel")
+  with pytest.raises(ValueError, match=r"blk/kernel.*NaN"):
+    cx.run.w8a8(w, jnp.ones(16).at[2].set(jnp.nan), path="blk/kernel")
+  with pytest.raises(ValueError, match=r"blk/kernel.*alpha"):
+    cx.run.w8a8(w, jnp.ones(16), alpha=1.5, path="blk/kernel")
+  # A zero channel keeps s = 1; the jitted builder gives the same kernel.
+  act = jnp.ones(16).at[0].set(0.0)
+  k = cx.run.w8a8(w, act)
+  assert float(k.smooth[0]) == 1.0
+  kj = jax.jit(cx.run.w8a8)(w, act)
+  np.testing.assert_array_equal(np.asarray(kj.codes), np.asarray(k.codes))
+  np.testing.assert_array_equal(np.asarray(kj.smooth), np.asarray(k.smooth))
+  bad = dataclasses.replace(k, smooth=-k.smooth)
+  with pytest.raises(ValueError, match="positive"):
+    bad.validate()
 
 
 def test_quantize_tokens_reference():

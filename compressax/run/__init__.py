@@ -10,6 +10,7 @@ codes plus one layer's float weights instead of the float model:
   per-column scales, int32 accumulation).
 * :class:`QuantizedKernel` and :func:`pack`: GPTQ/RTN/HQQ kernels in their
   run-time layout (4-bit codes two to a byte), optionally marked W8A8;
+  :func:`w8a8` for W8A8 kernels with SmoothQuant's smoothing factors;
   :func:`columns` for an embedding lookup from a tied table kept as the
   head's kernel.
 * Flax: :func:`intercept` (linen ``nn.Dense``), :class:`CompressedParam`
@@ -24,6 +25,7 @@ from compressax.run._kernel import QuantizedKernel
 from compressax.run._kernel import columns
 from compressax.run._kernel import decode
 from compressax.run._kernel import pack
+from compressax.run._kernel import w8a8
 from compressax.run._matmul import dot_general
 from compressax.run._matmul import matmul
 from compressax.run._matmul import promote_dtype
@@ -41,4 +43,5 @@ __all__ = [
     "promote_dtype",
     "quantize_tokens",
     "set_compressed",
+    "w8a8",
 ]

@@ -6,7 +6,14 @@ codes two to a byte, 5- to 8-bit codes one to a byte. Its dense value is
 ``GroupQuantizedArray``'s, bit for bit (the same dequantization, after
 unpacking). A symmetric per-column 8-bit kernel may also be marked for
 integer matmuls with int8 activations (``activations=8``: W8A8, see
-:func:`compressax.run.matmul`).
+:func:`compressax.run.matmul`); :func:`w8a8` makes one with SmoothQuant's
+per-input-channel smoothing factors, which the kernel keeps (``smooth``).
+
+References:
+  Xiao, Lin, Seznec, Wu, Demouth, Han. *SmoothQuant: Accurate and Efficient
+  Post-Training Quantization for Large Language Models*. ICML 2023
+  (eq. 4: ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``).
+  https://arxiv.org/abs/2211.10438
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from compressax import _node
 from compressax._select import map_selected
 from compressax.oneshot import _grid
 
-__all__ = ["QuantizedKernel", "columns", "decode", "pack"]
+__all__ = ["QuantizedKernel", "columns", "decode", "pack", "w8a8"]
 
 
 def _packed(bits: int) -> bool:
@@ -54,7 +61,11 @@ def pack_codes(codes, bits: int):
   return jnp.bitwise_or(pairs[:, 0], jnp.left_shift(pairs[:, 1], jnp.uint8(4)))
 
 
-@_node.compressed_leaf(name="compressax.QuantizedKernel")
+def _no_smoothing() -> Any:   # a NumPy array, as the fields of a loaded node
+  return np.zeros((0,), np.float32)
+
+
+@_node.compressed_leaf(name="compressax.QuantizedKernel", version=2)
 @dataclasses.dataclass(frozen=True)
 class QuantizedKernel(_node.CompressedLeaf):
   """A quantized kernel ``(d_in, d_out)`` in its run-time layout.
@@ -72,9 +83,14 @@ class QuantizedKernel(_node.CompressedLeaf):
     activations: static; ``8`` runs :func:`compressax.run.matmul` as W8A8
       (int8 activations times these codes, int32 accumulation), ``None``
       dequantizes the kernel (weight-only).
+    smooth: SmoothQuant's factors ``s (d_in,)``, or empty ``(0,)`` for none
+      (the default, and every kernel :func:`pack` makes). The codes are
+      those of ``diag(s) @ w``; the layer divides its input by ``s``.
+      Added in version 2 of the class; a version-1 file loads with none.
 
   ``materialize()`` is ``scale[g] * (code - zero[g])``, bit for bit the
-  ``GroupQuantizedArray`` it was packed from.
+  ``GroupQuantizedArray`` it was packed from; with smoothing factors, that
+  divided by ``s`` along the input rows.
   """
 
   codes: jax.Array
@@ -86,6 +102,7 @@ class QuantizedKernel(_node.CompressedLeaf):
   activations: int | None = dataclasses.field(metadata=dict(static=True))
   shape: tuple = dataclasses.field(metadata=dict(static=True))
   dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+  smooth: jax.Array = dataclasses.field(default_factory=_no_smoothing)
 
   def materialize(self) -> jax.Array:
     """The dequantized kernel (unpacked in-graph under ``jit``)."""
@@ -131,13 +148,20 @@ class QuantizedKernel(_node.CompressedLeaf):
     zshape = (0,) if self.symmetric else (n_groups, d_out)
     if tuple(np.shape(self.zero)) != zshape:
       raise ValueError(f"zero must have shape {zshape}, got {tuple(np.shape(self.zero))}")
+    smooth = np.asarray(self.smooth)
+    if smooth.shape not in ((0,), (d_in,)) or not np.issubdtype(smooth.dtype, np.floating):
+      raise ValueError(f"smooth must be floats of shape (0,) or ({d_in},), got "
+                       f"{smooth.dtype}{list(smooth.shape)}")
+    if smooth.size and not (np.all(np.isfinite(smooth)) and np.all(smooth > 0)):
+      raise ValueError("smoothing factors must be finite and positive")
 
   def storage_bits(self) -> int:
     """The bytes held in memory: 8 bits per code byte (two 4-bit codes) and
     per integer zero point, the float width per scale and float zero point."""
     zdt = np.dtype(self.zero.dtype)
     return 8 * (int(np.size(self.codes)) + int(np.size(self.zero)) * zdt.itemsize
-                + int(np.size(self.scale)) * np.dtype(self.scale.dtype).itemsize)
+                + int(np.size(self.scale)) * np.dtype(self.scale.dtype).itemsize
+                + int(np.size(self.smooth)) * np.dtype(self.smooth.dtype).itemsize)
 
 
 def decode(node) -> jax.Array:
@@ -152,10 +176,17 @@ def decode(node) -> jax.Array:
     return node
   if isinstance(node, QuantizedKernel):
     codes = unpack(node.codes, int(node.bits), int(node.shape[0]))
-    return _grid.dequantize(codes, node.scale, node.zero, int(node.bits),
-                            bool(node.symmetric), node.group_size,
-                            np.zeros((0,), np.int32), np.dtype(node.dtype))
+    return _dequantize(node, codes, node.scale, node.zero, node.smooth)
   return node.materialize()
+
+
+def _dequantize(node: QuantizedKernel, codes, scale, zero, smooth):
+  dense = _grid.dequantize(codes, scale, zero, int(node.bits), bool(node.symmetric),
+                           node.group_size, np.zeros((0,), np.int32),
+                           np.dtype(scale.dtype))
+  if np.size(smooth):
+    dense = dense / smooth.astype(dense.dtype).reshape((-1,) + (1,) * (dense.ndim - 1))
+  return dense.astype(np.dtype(node.dtype))
 
 
 def columns(node, ids) -> jax.Array:
@@ -192,10 +223,71 @@ def columns(node, ids) -> jax.Array:
   d_in = int(node.shape[0])
   codes = unpack(jnp.take(node.codes, flat, axis=1), int(node.bits), d_in)
   zero = node.zero if node.symmetric else jnp.take(node.zero, flat, axis=1)
-  dense = _grid.dequantize(codes, jnp.take(node.scale, flat, axis=1), zero,
-                           int(node.bits), bool(node.symmetric), node.group_size,
-                           np.zeros((0,), np.int32), np.dtype(node.dtype))
+  dense = _dequantize(node, codes, jnp.take(node.scale, flat, axis=1), zero, node.smooth)
   return dense.reshape((d_in,) + ids.shape)
+
+
+def w8a8(w, act_scale=None, *, alpha: float = 0.5, path: Any = "kernel") -> QuantizedKernel:
+  """A float kernel as a W8A8 :class:`QuantizedKernel`, smoothed as SmoothQuant.
+
+  SmoothQuant moves the activations' outlier channels into the weights: with
+  ``s_j = a_j^alpha / max_k |w_jk|^(1 - alpha)`` for input channel ``j``
+  (``a_j`` the channel's activation scale from calibration data), the layer
+  computes ``(x / s) @ (diag(s) w)``, the same product, with activations
+  that quantize per token with less error. The codes are int8 per output
+  column of ``diag(s) w`` (symmetric, ``cx.oneshot.rtn(bits=8,
+  symmetric=True)``); the kernel keeps ``s`` and :func:`compressax.run.matmul`
+  divides its input by it before quantizing each token.
+
+  Args:
+    w: a float kernel ``(d_in, d_out)``.
+    act_scale: ``(d_in,)`` non-negative activation scales per input channel:
+      SmoothQuant uses ``max |x_j|`` over calibration tokens; the RMS from a
+      calibration Hessian, ``sqrt(diag(h) / 2)`` of
+      ``cx.oneshot.block_hessians``, works too. ``None``: no smoothing (the
+      kernel of ``pack(rtn(w, bits=8, symmetric=True), activations=8)``).
+    alpha: the migration strength in ``[0, 1]`` (0: weights keep all the
+      range; SmoothQuant's default 0.5).
+    path: the leaf's name in error messages.
+
+  Returns:
+    A :class:`QuantizedKernel` with ``activations=8`` and ``smooth`` (empty
+    when ``act_scale`` is None). A channel whose scale or weights are all
+    zero gets ``s_j = 1``.
+
+  Raises:
+    ValueError: naming ``path``, for a bad kernel, ``act_scale`` of the wrong
+      shape, negative or not finite, or ``alpha`` outside ``[0, 1]``.
+
+  Example:
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> act = jnp.ones(64).at[3].set(50.0)        # one outlier channel
+    >>> k = cx.run.w8a8(w, act)
+    >>> cx.run.matmul(jnp.ones((4, 64)), k).shape
+    (4, 32)
+  """
+  _grid.check_kernel(path, w)
+  g = None
+  smooth = _no_smoothing()
+  if act_scale is not None:
+    _checks.check_range(path, "alpha", alpha, 0.0, 1.0)
+    a = jnp.asarray(act_scale, jnp.float32)
+    if a.shape != (w.shape[0],):
+      _checks.fail(path, f"act_scale must have shape ({w.shape[0]},) (one per "
+                         f"input row), got {tuple(a.shape)}")
+    _checks.check_finite(path, act_scale)
+    _checks.check_range(path, "act_scale", act_scale, 0.0, np.inf)
+    wmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=1)
+    # exp/log rather than pow: XLA rewrites pow with a constant exponent
+    # (sqrt for 0.5) under jit, so eager and jitted factors would differ.
+    ok = (a > 0) & (wmax > 0)
+    la, lw = jnp.log(jnp.where(ok, a, 1.0)), jnp.log(jnp.where(ok, wmax, 1.0))
+    s = jnp.exp(alpha * la - (1.0 - alpha) * lw)
+    smooth = jnp.where(ok & jnp.isfinite(s) & (s > 0), s, 1.0)
+    g = _grid.rtn(w * smooth.astype(w.dtype)[:, None], bits=8, symmetric=True, path=path)
+  if g is None:
+    g = _grid.rtn(w, bits=8, symmetric=True, path=path)
+  return dataclasses.replace(_pack_one(path, g, 8), smooth=smooth)
 
 
 def _pack_one(path, node, activations):

@@ -11,7 +11,8 @@
   s_x), -127, 127)``; the weights are the kernel's int8 ``q = code - 128``
   with per-column ``s_w``; ``y = (x_q @ q)_int32 * s_x * s_w``, the product
   accumulated exactly in int32 by ``lax.dot_general(...,
-  preferred_element_type=int32)``.
+  preferred_element_type=int32)``. A kernel with SmoothQuant factors ``s``
+  (:func:`compressax.run.w8a8`) quantizes ``x / s`` instead of ``x``.
 
 References:
   Dettmers, Lewis, Belkada, Zettlemoyer. *LLM.int8(): 8-bit Matrix
@@ -114,7 +115,11 @@ def after(w, x):
 
 def _w8a8(x, w: QuantizedKernel):
   q_w, s_w = w.int8()
-  q_x, s_x = quantize_tokens(x)
+  xs = x
+  if w.smooth.size:   # SmoothQuant: (x / s) @ (diag(s) w)
+    cdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    xs = x.astype(cdt) / w.smooth.astype(cdt).reshape((1,) * (x.ndim - 1) + (-1,))
+  q_x, s_x = quantize_tokens(xs)
   acc = lax.dot_general(q_x, q_w, _dn(q_x), preferred_element_type=jnp.int32)
   y = acc.astype(s_x.dtype) * s_x * s_w.astype(s_x.dtype).reshape(
       (1,) * (acc.ndim - 1) + (-1,))
