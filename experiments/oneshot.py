@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
              "context": args.context, "eval_windows": len(evals),
              "layer_errors": {k: v for k, v in info.items() if k != "seconds"}}
   if is_lm:
+    t0 = time.time()
     results["perplexity"] = perplexity(model, decoded, evals, args.eval_batch, args.quiet)
+    results["eval_time_s"] = time.time() - t0   # compile included
     if method is None:
       results["baseline_perplexity"] = results["perplexity"]
     elif args.baseline_from:
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
   show = {k: results[k] for k in ("settings", "perplexity", "baseline_perplexity",
                                   "mean_cosine_to_float", "neighbour_recall",
                                   "file_bytes", "ratio",
-                                  "compress_time_s") if k in results}
+                                  "compress_time_s", "eval_time_s") if k in results}
   print(json.dumps(show))
   print(os.path.join(out_dir, "results.json"))
   return results
