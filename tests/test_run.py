@@ -277,6 +277,18 @@ def test_linen_intercept_equals_materialized(kind):
   np.testing.assert_array_equal(np.asarray(got_vmap[:, 0]), np.asarray(want))
 
 
+def test_linen_intercept_compressed_bias():
+  m = nn.Dense(8)
+  params = m.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+  params = {"kernel": _gq(params["kernel"], 4),
+            "bias": cx.quantize.quantize(jnp.linspace(-1.0, 1.0, 8), 4)}
+  x = _w((2, 16), 3)
+  want = jax.jit(m.apply)({"params": cx.materialize(params)}, x)
+  with cx.run.intercept():
+    got = jax.jit(m.apply)({"params": params}, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_linen_without_intercept_is_an_error():
   params = _linen_params(NODES["packed4"])
   with pytest.raises(Exception):

@@ -44,6 +44,7 @@ def _dense(module: nn.Dense, x):
   x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
   y = matmul(x, kernel, precision=module.precision)
   if bias is not None:
+    bias = decode(bias).astype(y.dtype)   # a compressed bias is decoded here too
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return y
 
