@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--model", default="smollm2-135m", choices=sorted(models_lm.WHEELS),
                  help="the pretrained model")
   p.add_argument("--method", default="gptq",
-                 choices=["none", "rtn", "gptq", "sparsegpt", "wanda", "magnitude"],
+                 choices=["none", "rtn", "gptq", "hqq", "sparsegpt", "wanda", "magnitude"],
                  help="the one-shot method of every block kernel (none: float)")
   p.add_argument("--bits", type=int, default=4, help="bits (rtn, gptq; sparsegpt joint)")
   p.add_argument("--group-size", type=int, default=None,
@@ -89,6 +89,7 @@ def method_of(args):
   return {"none": None,
           "rtn": o.RTN(args.bits, group_size=args.group_size),
           "gptq": o.GPTQ(args.bits, group_size=args.group_size, act_order=args.act_order),
+          "hqq": o.HQQ(args.bits, group_size=args.group_size),
           "sparsegpt": o.SparseGPT(sparsity=sp, n_m=nm,
                                    bits=args.bits if args.joint else None),
           "wanda": o.Wanda(sparsity=sp, n_m=nm),
@@ -98,7 +99,7 @@ def method_of(args):
 def tag(args) -> str:
   if args.method == "none":
     return "float"
-  if args.method in ("rtn", "gptq"):
+  if args.method in ("rtn", "gptq", "hqq"):
     t = f"{args.method}-{args.bits}b" + (f"-g{args.group_size}" if args.group_size else "")
     t += "-act" if args.act_order else ""
   else:

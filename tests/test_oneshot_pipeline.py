@@ -100,6 +100,21 @@ def test_methods(setup, method):
     assert int(jnp.sum(w == 0)) >= w.size // 2
 
 
+def test_calibration_free_methods_equal_their_functions(setup):
+  # RTN and HQQ need no Hessian: the pipeline's node is the function's, bit for bit.
+  ps, xs = setup
+  w = ps[0]["down"]["kernel"]
+  for method, direct in [(cx.oneshot.HQQ(bits=3, group_size=8),
+                          cx.oneshot.hqq(w, bits=3, group_size=8)),
+                         (cx.oneshot.RTN(bits=3, group_size=8),
+                          cx.oneshot.rtn(w, bits=3, group_size=8))]:
+    out, _ = cx.oneshot.calibrate_sequential(apply, ps[:1], xs, {"down": method},
+                                             progress=False)
+    got = out[0]["down"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(direct.codes))
+    np.testing.assert_array_equal(np.asarray(got.zero), np.asarray(direct.zero))
+
+
 def test_rule_matching_nothing_is_an_error(setup):
   ps, xs = setup
   with pytest.raises(ValueError, match="attn"):

@@ -29,6 +29,7 @@ from compressax.oneshot._hessian import hessian
 from compressax.oneshot._hessian import hessian_update
 from compressax.oneshot._hqq import hqq
 from compressax.oneshot._pipeline import GPTQ
+from compressax.oneshot._pipeline import HQQ
 from compressax.oneshot._pipeline import Magnitude
 from compressax.oneshot._pipeline import RTN
 from compressax.oneshot._pipeline import SparseGPT
@@ -41,6 +42,7 @@ from compressax.oneshot._wanda import wanda_mask
 __all__ = [
     "GPTQ",
     "GroupQuantizedArray",
+    "HQQ",
     "Magnitude",
     "RTN",
     "SparseGPT",

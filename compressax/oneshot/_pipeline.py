@@ -45,10 +45,11 @@ from compressax import prune as _prune
 from compressax.oneshot import _gptq
 from compressax.oneshot import _grid
 from compressax.oneshot import _hessian
+from compressax.oneshot import _hqq
 from compressax.oneshot import _sparsegpt
 from compressax.oneshot import _wanda
 
-__all__ = ["GPTQ", "RTN", "SparseGPT", "Wanda", "Magnitude",
+__all__ = ["GPTQ", "HQQ", "RTN", "SparseGPT", "Wanda", "Magnitude",
            "block_hessians", "calibrate_sequential"]
 
 
@@ -81,6 +82,20 @@ class RTN:
     del h
     return _grid.rtn(w, bits=self.bits, group_size=self.group_size,
                      symmetric=self.symmetric, path=path)
+
+
+@dataclasses.dataclass(frozen=True)
+class HQQ:
+  """:func:`hqq`: half-quadratic zero points, no calibration data."""
+  bits: int
+  group_size: int | None = 64
+  iters: int = 20
+  needs_hessian = False
+
+  def compress(self, w, h, path):
+    del h
+    return _hqq.hqq(w, bits=self.bits, group_size=self.group_size, iters=self.iters,
+                    path=path)
 
 
 @dataclasses.dataclass(frozen=True)
