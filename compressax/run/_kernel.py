@@ -112,7 +112,8 @@ class QuantizedKernel(_node.CompressedLeaf):
     """``(q, s)``: int8 weights ``code - 128`` and the per-column scale ``(d_out,)``.
 
     Only for a symmetric 8-bit kernel with one group per column, where the
-    dense value is ``s * q`` exactly.
+    dense value is ``s * q`` exactly (with smoothing factors, ``s * q`` is
+    ``diag(smooth) @`` the dense value).
     """
     if not (self.bits == 8 and self.symmetric and self.group_size is None):
       raise ValueError("int8 weights need a symmetric 8-bit kernel with one "
