@@ -15,6 +15,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -71,6 +73,13 @@ def test_api_table_lists_only_public_names(module):
       f"docs/{module}.md table is stale; run python docs/gen_api_tables.py\n"
       f"  not public: {sorted(set(listed) - set(public))}\n"
       f"  not listed: {sorted(set(public) - set(listed))}")
+
+
+def test_api_tables_are_generated():
+  # The summaries too, not only the names: a table is the generator's output.
+  r = subprocess.run([sys.executable, str(DOCS / "gen_api_tables.py"), "--check"],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
 
 
 def test_index_lists_top_level_names_and_links_pages():
