@@ -84,7 +84,8 @@ import numpy as np  # noqa: E402
 import compressax as cx  # noqa: E402
 from experiments.llm import models as models_lm  # noqa: E402
 
-VARIANTS = ["float32", "int8", "int4-g128", "int4-all", "w8a8", "w8a8-smooth", "qwix-int8", "qwix-int4-g64",
+VARIANTS = ["float32", "int8", "int4-g128", "int4-all", "w8a8", "w8a8-smooth",
+            "qwix-int8", "qwix-int4-g64",
             "qwix-w8a8", "sparse-2of4", "sparse-0.5"]
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "..", "shared", "data", "tinyshakespeare.txt")
@@ -113,7 +114,8 @@ def compress(variant: str, params, calib=None):
   if variant == "float32":
     return params
   if variant == "w8a8-smooth":
-    scales = act_scales(*calib[:1], params, calib[1])
+    model, windows = calib
+    scales = act_scales(model, params, windows)
     blocks = [cx.map_selected(lambda p, w, a=a: cx.run.w8a8(w, a[cx.path_str(p)], path=p), b)
               for b, a in zip(params["blocks"], scales)]
     return dict(params, blocks=blocks)
@@ -386,7 +388,8 @@ def main(argv=None):
   p.add_argument("--context", type=int, default=512, help="tokens per window")
   p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
-  p.add_argument("--variants", default=",".join(VARIANTS[:7]),
+  p.add_argument("--variants",
+                 default=",".join(v for v in VARIANTS if not v.startswith("sparse-")),
                  help=f"comma-separated variants, of {','.join(VARIANTS)}")
   p.add_argument("--ppl-windows", type=int, default=4,
                  help="perplexity windows (measured at the first batch size; 0: none)")

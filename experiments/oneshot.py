@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--method", default="gptq",
                  choices=["none", "rtn", "gptq", "hqq", "sparsegpt", "wanda", "magnitude"],
                  help="the one-shot method of every block kernel (none: float)")
-  p.add_argument("--bits", type=int, default=4, help="bits (rtn, gptq; sparsegpt joint)")
+  p.add_argument("--bits", type=int, default=4, help="bits (rtn, gptq, hqq; sparsegpt joint)")
   p.add_argument("--group-size", type=int, default=None,
                  help="input rows per grid (default: one grid per output column)")
   p.add_argument("--act-order", action="store_true", help="GPTQ rows by descending diag H")

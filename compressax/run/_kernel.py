@@ -190,7 +190,7 @@ def _dequantize(node: QuantizedKernel, codes, scale, zero, smooth):
   return dense.astype(np.dtype(node.dtype))
 
 
-def columns(node, ids) -> jax.Array:
+def columns(node, ids, *, path: Any = "kernel") -> jax.Array:
   """``decode(node)[:, ids]``, decoding only the columns it takes.
 
   The lookup of an embedding table kept as its transpose: a tied table
@@ -205,9 +205,13 @@ def columns(node, ids) -> jax.Array:
   Args:
     node: a kernel ``(d_in, d_out)``: a compressed node or an array.
     ids: integer indices into ``d_out``, any shape.
+    path: the leaf's name in error messages.
 
   Returns:
     ``(d_in, *ids.shape)`` in the node's dtype.
+
+  Raises:
+    TypeError: naming ``path``, for ids that are not integers.
 
   Example:
     >>> table = jax.random.normal(jax.random.key(0), (1000, 64))   # (vocab, d)
@@ -217,7 +221,7 @@ def columns(node, ids) -> jax.Array:
   """
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise TypeError(f"ids must be integers, got {ids.dtype}")
+    _checks.fail(path, f"ids must be integers, got {ids.dtype}", TypeError)
   if not isinstance(node, QuantizedKernel):
     return jnp.take(decode(node), ids, axis=1)
   flat = ids.reshape(-1)
@@ -268,8 +272,7 @@ def w8a8(w, act_scale=None, *, alpha: float = 0.5, path: Any = "kernel") -> Quan
     (4, 32)
   """
   _grid.check_kernel(path, w)
-  g = None
-  smooth = _no_smoothing()
+  smooth, scaled = _no_smoothing(), w
   if act_scale is not None:
     _checks.check_range(path, "alpha", alpha, 0.0, 1.0)
     a = jnp.asarray(act_scale, jnp.float32)
@@ -285,9 +288,8 @@ def w8a8(w, act_scale=None, *, alpha: float = 0.5, path: Any = "kernel") -> Quan
     la, lw = jnp.log(jnp.where(ok, a, 1.0)), jnp.log(jnp.where(ok, wmax, 1.0))
     s = jnp.exp(alpha * la - (1.0 - alpha) * lw)
     smooth = jnp.where(ok & jnp.isfinite(s) & (s > 0), s, 1.0)
-    g = _grid.rtn(w * smooth.astype(w.dtype)[:, None], bits=8, symmetric=True, path=path)
-  if g is None:
-    g = _grid.rtn(w, bits=8, symmetric=True, path=path)
+    scaled = w * smooth.astype(w.dtype)[:, None]
+  g = _grid.rtn(scaled, bits=8, symmetric=True, path=path)
   return dataclasses.replace(_pack_one(path, g, 8), smooth=smooth)
 
 
