@@ -6,6 +6,7 @@
 methods compose on one leaf with ``>>``. See ``docs/design.md``.
 """
 
+from compressax.methods._ajpq import AJPQ
 from compressax.methods._base import Chain
 from compressax.methods._base import Method
 from compressax.methods._lowrank import LowRank
@@ -19,5 +20,5 @@ from compressax.methods._quant import Points
 from compressax.methods._quant import Uniform
 from compressax.methods._weightless import Weightless
 
-__all__ = ["Chain", "Channel", "DiffQ", "KMeans", "LSQ", "LowRank",
+__all__ = ["AJPQ", "Chain", "Channel", "DiffQ", "KMeans", "LSQ", "LowRank",
            "Magnitude", "Method", "NM", "Points", "Uniform", "Weightless"]

@@ -1,0 +1,202 @@
+"""AJPQ: pruning as 0-bit quantization, DiffQ's learned bits extended down to 0.
+
+Each group of ``group_size`` weights (flattened, as in ``cx.diffq``) has one
+bit logit; its bits ``b = b_max * sigmoid(logit)`` lie in ``(0, b_max)``. A
+group whose bits round to 0 is pruned: it stores no codes, and its positions
+cost what the file's sparse coding of the mask costs. Pruning and mixed
+precision are therefore one learned decision, traded against the loss by one
+differentiable size penalty that sees both.
+
+References:
+  PAPERS.md section 9, *AJPQ: pruning as 0-bit quantization* (bits allocated
+  per channel or group, mixed precision with 0).
+  Défossez, Adi, Synnaeve, *Differentiable Model Compression via Pseudo
+  Quantization Noise*, 2021 (the noise, the logits and the size penalty
+  extended here). https://arxiv.org/abs/2104.09987
+  van Baalen et al., *Bayesian Bits: Unifying Quantization and Pruning*,
+  NeurIPS 2020 (a related gated formulation with 0 bits as pruning).
+  https://arxiv.org/abs/2005.07093
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compressax import _checks
+from compressax import prune as _prune
+from compressax.diffq import _bits
+from compressax.diffq import _noise
+from compressax.diffq import _size
+from compressax.diffq._quantize import DiffQArray
+from compressax.diffq._quantize import _top
+from compressax.methods._base import Method
+
+__all__ = ["AJPQ"]
+
+_MB_BITS = 8 * 2 ** 20
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AJPQ(Method):
+  """Pruning as 0-bit quantization: learned bits per group, 0 bits = pruned.
+
+  Init: one bit logit per ``group_size`` weights at ``init_bits``; bits are
+  ``b = b_max * sigmoid(logit)``, in ``(0, b_max)``.
+
+  View (needs a PRNG key): ``gate * (w + Delta * u)`` per group, with
+  ``gate = clip(b, 0, 1)``, DiffQ's uniform pseudo-quantization noise ``u``
+  (``cx.diffq.noisy``'s counter hash, seeded by the key) and step
+  ``Delta = (max w - min w) / (2^max(b, 1) - 1)`` over the whole tensor.
+  Gradients reach ``w`` (gated identity plus DiffQ's range rule) and the
+  logits (through ``Delta`` above 1 bit, through the gate below it).
+
+  Penalty: ``size_penalty * size_mb(w, aux)``, the differentiable size
+
+      sum_g n_g b_g + sum_g gate_g (4 + index_bits) + 64  bits,
+
+  the payload, each kept group's stored 4-bit width, each kept group's
+  position cost (``index_bits``) and the tensor's float32 range, in MB
+  (2^20 bytes) as ``DiffQ.size_mb``.
+
+  Finalize: ``bits = round(b)``; a group at 0 bits is pruned. The node is a
+  ``cx.prune.MaskedArray`` (the kept groups' positions) over a
+  ``cx.diffq.DiffQArray`` whose range ``[lo, hi]`` is the kept weights'
+  (pruned ones do not widen it); pruned groups get the placeholder width 1
+  and code 0, and the file writes neither their codes nor their positions
+  (only the kept codes, under the mask). ``materialize()`` is the
+  deterministic reading of the view: no noise, the gate rounded.
+
+  Attributes:
+    size_penalty: lambda per MB of the size term (DiffQ's range: 1e-3 to 10).
+    group_size: weights per bit logit, ``>= 1`` (DiffQ: 16).
+    init_bits: the bits every group starts from, in ``(0, b_max)``;
+      ``None``: ``b_max / 2``.
+    b_max: the most bits a group can learn, in ``[1, 15]``.
+    index_bits: bits per kept group charged for its position: an estimate
+      of what the sparse coding of a group mask costs (a bitmap over groups
+      costs 1 per group; the file's mask coder chooses its own layout).
+    logit_learning_rate: Adam learning rate of the logits (DiffQ: 1e-3).
+
+  Raises:
+    ValueError: at construction, for a config out of range (naming it); at
+      ``init``/``finalize``, for NaN/Inf weights (naming the leaf path).
+    TypeError: for an integer or bool leaf (naming the leaf path).
+
+  References:
+    PAPERS.md section 9 (AJPQ, pruning as 0-bit quantization); DiffQ,
+    Défossez et al. 2021, https://arxiv.org/abs/2104.09987; Bayesian Bits,
+    van Baalen et al. 2020, https://arxiv.org/abs/2005.07093
+  """
+  size_penalty: float = 1e-2
+  group_size: int = 16
+  init_bits: float | None = None
+  b_max: float = 8.0
+  index_bits: float = 1.0
+  logit_learning_rate: float = 1e-3
+
+  def __post_init__(self):
+    def bad(name, want):
+      raise ValueError(f"AJPQ: {name} must be {want}, got "
+                       f"{getattr(self, name)!r}")
+    if not _number(self.size_penalty) or not 0 <= self.size_penalty < math.inf:
+      bad("size_penalty", "a finite number >= 0")
+    if (isinstance(self.group_size, bool)
+        or not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1):
+      bad("group_size", "an int >= 1")
+    if not _number(self.b_max) or not 1 <= self.b_max <= _bits.MAX_BITS:
+      bad("b_max", f"in [1, {_bits.MAX_BITS}]")
+    if self.init_bits is not None and (
+        not _number(self.init_bits) or not 0 < self.init_bits < self.b_max):
+      bad("init_bits", f"in (0, b_max={self.b_max})")
+    if not _number(self.index_bits) or not 0 <= self.index_bits < math.inf:
+      bad("index_bits", "a finite number >= 0")
+    if not _number(self.logit_learning_rate) or not self.logit_learning_rate > 0:
+      bad("logit_learning_rate", "> 0")
+
+  def init(self, path, w, key):
+    del key
+    _checks.check_floating(path, w)
+    _checks.check_finite(path, w)
+    init = float(self.b_max) / 2 if self.init_bits is None else float(self.init_bits)
+    t = init / float(self.b_max)
+    g = _bits.n_groups(int(np.size(w)), self.group_size)
+    return {"logits": jnp.full((g,), math.log(t / (1.0 - t)), jnp.float32)}
+
+  def bits(self, aux) -> jax.Array:
+    """Per-group fractional bits ``b_max * sigmoid(logit)`` (NaN logit: ``b_max``)."""
+    return _bits.logit_bits(aux["logits"], 0.0, float(self.b_max))
+
+  def view(self, w, aux, key):
+    if key is None:
+      raise ValueError("AJPQ's training view draws noise: pass a PRNG key "
+                       "to Plan.view / Plan.loss")
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    return _view_leaf(jnp.asarray(w), aux["logits"], seeds, float(self.b_max),
+                      group_size=self.group_size)
+
+  def size_mb(self, w, aux) -> jax.Array:
+    """The leaf's differentiable size in MB (see the class docstring)."""
+    counts = _bits.group_counts(int(np.size(w)), self.group_size)
+    b = self.bits(aux)
+    gate = jnp.clip(b, 0.0, 1.0)
+    total = (jnp.sum(jnp.asarray(counts, jnp.float32) * b)
+             + jnp.sum(gate) * (_size.WIDTH_BITS + float(self.index_bits))
+             + float(_size.RANGE_BITS))
+    return total / _MB_BITS
+
+  def penalty(self, w, aux):
+    return self.size_penalty * self.size_mb(w, aux)
+
+  def aux_optimizer(self):
+    return optax.adam(self.logit_learning_rate)
+
+  def finalize(self, path, w, aux):
+    _checks.check_floating(path, w)
+    _checks.check_finite(path, w)
+    w = jnp.asarray(w)
+    codes, widths, lo, hi, keep = _finalize_leaf(
+        w, aux["logits"], float(self.b_max), group_size=self.group_size)
+    value = DiffQArray(codes=codes, bits=widths, lo=lo, hi=hi, shape=tuple(w.shape),
+                       dtype=np.dtype(w.dtype), group_size=self.group_size)
+    return _prune.MaskedArray(value, np.asarray(keep), tuple(w.shape),
+                              np.dtype(w.dtype))
+
+
+# Jitted so that eager and jitted callers run the same compiled arithmetic.
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _view_leaf(w, logit, seeds, b_max, *, group_size):
+  b = _bits.logit_bits(logit, 0.0, b_max)
+  gate = _bits.expand(jnp.clip(b, 0.0, 1.0), w.shape, group_size)
+  # DiffQ's noisy leaf at max(b, 1) bits: its custom gradient carries the
+  # range rule to `w` and d/d(bits) to the logits above 1 bit.
+  noisy = _noise._uniform_noisy(w, jnp.maximum(b, 1.0), seeds, group_size, 0)
+  return (gate * noisy.astype(jnp.float32)).astype(w.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _finalize_leaf(w, logit, b_max, *, group_size):
+  bits = jnp.clip(jnp.round(_bits.logit_bits(logit, 0.0, b_max)), 0, _bits.MAX_BITS)
+  kept = bits >= 1
+  keep = _bits.expand(kept, w.shape, group_size)
+  x = w.astype(jnp.float32)
+  any_kept = jnp.any(kept)
+  lo = jnp.where(any_kept, jnp.min(jnp.where(keep, x, jnp.inf)), 0.0)
+  hi = jnp.where(any_kept, jnp.max(jnp.where(keep, x, -jnp.inf)), 0.0)
+  # A constant (or empty) kept set has no range: its levels are 0, read as lo.
+  span = jnp.where(hi > lo, hi - lo, 1.0)
+  widths = jnp.where(kept, bits, 1.0)
+  top = _top(widths, w.shape, group_size)
+  levels = jnp.clip(jnp.round((x - lo) / span * top), 0.0, top)
+  levels = jnp.where(keep, levels, 0.0)
+  return (levels.astype(jnp.uint16), widths.astype(jnp.uint8), lo, hi, keep)
