@@ -90,9 +90,12 @@ def _parse_layer_map(text: str, cast, flag: str) -> dict:
   return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, *, module: str = MODULE, doc: str = __doc__,
+               experiment: str = "deep_compression",
+               add_arguments=None) -> argparse.Namespace:
+  """The pipeline's flags; ``add_arguments(parser)`` adds an experiment's own."""
   p = train_lib.experiment_parser(
-      MODULE, __doc__, model="lenet300", dataset="digits", epochs=15,
+      module, doc, model="lenet300", dataset="digits", epochs=15,
       batch_size=64, lr=0.05)
   p.add_argument("--keep", default=None,
                  help="kept fraction per layer, e.g. 'ip1=0.08,ip2=0.09,ip3=0.26' "
@@ -130,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="no cosine decay of the learning rate within a stage")
   p.add_argument("--no-plot", action="store_true",
                  help="do not write the PNG plot")
+  if add_arguments is not None:
+    add_arguments(p)
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   args.keep = (_parse_layer_map(args.keep, float, "--keep") if args.keep
@@ -156,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if not (args.bias_bits == 0 or 2 <= args.bias_bits <= 16):
     p.error(f"--bias-bits must be 0 (float32) or in [2, 16], got {args.bias_bits}")
   if args.out is None:
-    args.out = train_lib.default_out("deep_compression", args)
+    args.out = train_lib.default_out(experiment, args)
   return args
 
 
@@ -269,14 +274,20 @@ def prune_plan(args, round_: int) -> cx.Plan:
                   for layer, keep in args.keep.items()}, where=cx.default_rule)
 
 
-def prune_and_retrain(model, params, ds, args, curves, loss_fn=None):
+def prune_and_retrain(model, params, ds, args, curves, loss_fn=None, *,
+                      track_pruned: bool = False):
   """Stage 1: reach the per-layer kept fractions in ``--prune-iters`` rounds.
 
   Round ``i`` is a plan of ``Magnitude(1 - keep ** (i / n))`` per layer (a
   geometric path to the target), so the last round lands exactly on the
   paper's fractions. Magnitude prunes at the round's first step and holds
   the mask while the model retrains.
+
+  With ``track_pruned``, returns ``(params, before)`` where ``before`` holds
+  each pruned weight's value just before the round that pruned it (PQK's
+  unimportant weights) and the retrained value elsewhere.
   """
+  before = params
   epochs = [args.prune_epochs // args.prune_iters
             + (i < args.prune_epochs % args.prune_iters)
             for i in range(args.prune_iters)]
@@ -287,6 +298,9 @@ def prune_and_retrain(model, params, ds, args, curves, loss_fn=None):
     # retraining, and the first gradient is the pruned model's.
     prune_only = plan.optimizer(optax.set_to_zero())
     train = _zero_step(prune_only, prune_only.init(train), train)
+    before = jax.tree_util.tree_map(
+        lambda b, old, new: np.where((np.asarray(old) != 0) & (np.asarray(new) == 0),
+                                     old, b), before, params, train["params"])
     err = train_lib.evaluate(model, train["params"], ds.x_test, ds.y_test)
     _log(args, f"  prune round {i + 1}/{args.prune_iters}: kept "
                f"{_kept(train['params']):.4f} of weights, error before "
@@ -299,6 +313,10 @@ def prune_and_retrain(model, params, ds, args, curves, loss_fn=None):
         desc=f"prune {i + 1}/{args.prune_iters}", loss_fn=loss_fn)
     params = train["params"]
     curves[f"prune {i + 1}"] = hist["test_error"]
+  if track_pruned:
+    before = jax.tree_util.tree_map(
+        lambda b, p: np.where(np.asarray(p) != 0, p, b), before, params)
+    return params, before
   return params
 
 
@@ -340,19 +358,30 @@ def _shared(train, opt_state):
   return train
 
 
+def share(model, params, ds, args, epochs: int):
+  """K-means weight sharing of the kept weights (the centroid stage's start).
+
+  Returns ``(plan, train, tx, state, error after k-means)``: the plan of
+  :func:`share_plan`, its training tree, the centroid optimizer for
+  ``epochs`` epochs and its state (whose init ran k-means).
+  """
+  plan = share_plan(params, args)
+  train = plan.init(params)
+  tx = plan.optimizer(_sgd(args, ds, args.share_lr, epochs))
+  state = tx.init(train)  # k-means of the kept weights
+  err = train_lib.evaluate(model, _shared(train, state)["params"], ds.x_test,
+                           ds.y_test)
+  _log(args, f"  weight sharing: error after k-means {err:.4f}")
+  return plan, train, tx, state, err
+
+
 def share_and_finetune(model, params, ds, args, curves, loss_fn=None):
   """Stage 2: k-means weight sharing of the kept weights, then centroid training.
 
   Returns the compressed tree (``plan.finalize``: ``MaskedArray(CodebookArray)``
   at every shared layer, biases dense) and the error right after k-means.
   """
-  plan = share_plan(params, args)
-  train = plan.init(params)
-  tx = plan.optimizer(_sgd(args, ds, args.share_lr, args.share_epochs))
-  state = tx.init(train)  # k-means of the kept weights
-  err = train_lib.evaluate(model, _shared(train, state)["params"], ds.x_test,
-                           ds.y_test)
-  _log(args, f"  weight sharing: error after k-means {err:.4f}")
+  plan, train, tx, state, err = share(model, params, ds, args, args.share_epochs)
   train, _, hist = _fit(model, plan, train, tx, ds, args,
                         epochs=args.share_epochs, seed=args.seed + 100,
                         desc="share", loss_fn=loss_fn, opt_state=state)
@@ -360,6 +389,18 @@ def share_and_finetune(model, params, ds, args, curves, loss_fn=None):
   _log(args, f"  centroid fine-tuning ({args.share_epochs} epochs): test error "
              f"{(hist['test_error'] or [err])[-1]:.4f}")
   return plan.finalize(train), err
+
+
+def train_baseline(model, params, ds, args, curves):
+  """The dense baseline (SGD, ``--epochs``): ``(params, test error)``."""
+  params, _, hist = train_lib.fit(
+      model, params, _sgd(args, ds, args.lr, args.epochs, args.weight_decay),
+      ds, epochs=args.epochs,
+      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, desc="baseline")
+  curves["baseline"] = hist["test_error"]
+  baseline_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
+  _log(args, f"  baseline: test error {baseline_error:.4f}")
+  return params, baseline_error
 
 
 def main(argv=None) -> dict:
@@ -370,13 +411,7 @@ def main(argv=None) -> dict:
   _log(args, f"Deep Compression: {args.model} on {args.dataset} "
              f"({len(ds.x_train)} train / {len(ds.x_test)} test images)")
 
-  params, _, hist = train_lib.fit(
-      model, params, _sgd(args, ds, args.lr, args.epochs, args.weight_decay),
-      ds, epochs=args.epochs,
-      batch_size=args.batch_size, seed=args.seed, quiet=args.quiet, desc="baseline")
-  curves["baseline"] = hist["test_error"]
-  baseline_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
-  _log(args, f"  baseline: test error {baseline_error:.4f}")
+  params, baseline_error = train_baseline(model, params, ds, args, curves)
 
   loss_fn = distill_loss(model, params, args)
   params = prune_and_retrain(model, params, ds, args, curves, loss_fn)

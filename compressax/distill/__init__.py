@@ -11,6 +11,8 @@ from compressax.distill._losses import cross_entropy
 from compressax.distill._losses import kd_loss
 from compressax.distill._losses import kl_divergence
 from compressax.distill._losses import polino_loss
+from compressax.distill._pqk import pqk_loss
+from compressax.distill._pqk import pqk_teacher
 
 __all__ = [
     "alpha_divergence",
@@ -20,4 +22,6 @@ __all__ = [
     "kd_loss",
     "kl_divergence",
     "polino_loss",
+    "pqk_loss",
+    "pqk_teacher",
 ]
