@@ -60,6 +60,13 @@ def _add_arguments(p):
                  help="distillation temperature of phase 2")
   p.add_argument("--teacher-lr", type=float, default=0.01,
                  help="SGD learning rate of the unimportant weights in phase 2")
+  p.add_argument("--teacher-warmup", type=int, default=0,
+                 help="epochs of training only the unimportant weights (the "
+                      "teacher's cross-entropy, the student held) before phase 2")
+  p.add_argument("--teacher-grad", choices=("shared", "own"), default="shared",
+                 help="what the teacher's cross-entropy trains: the shared "
+                      "important weights too (shared, PQK's joint training) or "
+                      "only its own unimportant weights (own)")
 
 
 def parse_args(argv=None):
@@ -117,24 +124,37 @@ def distill_phase(model, plan, train, tx, state, unimportant, ds, args, curves):
   mask = kept_mask(plan.view(train))
   student, teacher = _Net(model, plan, mask), _Net(model, plan, mask, "teacher")
 
-  def loss_fn(tree, x, y, key):
+  def logits(tree, x, key):
     rngs = {"dropout": key}
     s = student.params(tree)
-    t = cx.distill.pqk_teacher(s, tree["u"], mask)
-    return cx.distill.pqk_loss(
-        model.apply(s, x, train=True, rngs=rngs),
-        model.apply(t, x, train=True, rngs=rngs), y, alpha=args.pqk_alpha,
-        temperature=args.pqk_temperature).mean()
+    shared = s if args.teacher_grad == "shared" else jax.lax.stop_gradient(s)
+    t = cx.distill.pqk_teacher(shared, tree["u"], mask)
+    return (model.apply(s, x, train=True, rngs=rngs),
+            model.apply(t, x, train=True, rngs=rngs))
 
-  teacher_tx = dc._sgd(args, ds, args.teacher_lr, args.pqk_epochs)
+  def loss_fn(tree, x, y, key):
+    s, t = logits(tree, x, key)
+    return cx.distill.pqk_loss(s, t, y, alpha=args.pqk_alpha,
+                               temperature=args.pqk_temperature).mean()
+
   tree = {"train": train, "u": unimportant}
   before = train_lib.evaluate(teacher, tree, ds.x_test, ds.y_test)
   dc._log(args, f"  phase 2: teacher (unimportant weights put back) error "
                 f"{before:.4f}")
+  if args.teacher_warmup:
+    warm = dc._sgd(args, ds, args.teacher_lr, args.teacher_warmup)
+    tree, _, hist = train_lib.fit(
+        teacher, tree, joint(optax.set_to_zero(), warm), ds,
+        epochs=args.teacher_warmup, batch_size=args.batch_size,
+        seed=args.seed + 150, quiet=args.quiet, desc="teacher warm-up",
+        loss_fn=lambda t, x, y, k: cx.distill.cross_entropy(
+            logits(t, x, k)[1], y).mean())
+    curves["pqk teacher warm-up"] = hist["test_error"]
+  teacher_tx = dc._sgd(args, ds, args.teacher_lr, args.pqk_epochs)
   tree, _, hist = train_lib.fit(
       student, tree, joint(tx, teacher_tx), ds, epochs=args.pqk_epochs,
       batch_size=args.batch_size, seed=args.seed + 200, quiet=args.quiet,
-      desc="pqk", loss_fn=loss_fn, opt_state=(state, teacher_tx.init(unimportant)))
+      desc="pqk", loss_fn=loss_fn, opt_state=(state, teacher_tx.init(tree["u"])))
   curves["pqk (student)"] = hist["test_error"]
   teacher_error = train_lib.evaluate(teacher, tree, ds.x_test, ds.y_test)
   dc._log(args, f"  phase 2 ({args.pqk_epochs} epochs): student "
@@ -186,7 +206,9 @@ def main(argv=None) -> dict:
           "phase1_test_error": shared_error,
           **teacher,
           "pqk": {"alpha": args.pqk_alpha, "temperature": args.pqk_temperature,
-                  "epochs": args.pqk_epochs, "teacher_lr": args.teacher_lr},
+                  "epochs": args.pqk_epochs, "teacher_lr": args.teacher_lr,
+                  "teacher_warmup": args.teacher_warmup,
+                  "teacher_grad": args.teacher_grad},
           "keep": args.keep, "bits": args.bits,
           "bias_bits": args.bias_bits or None,
           "kept_fraction": stats["global"]["kept"] / stats["global"]["size"],
