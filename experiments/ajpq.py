@@ -79,6 +79,11 @@ def parse_args(argv=None):
                  help="bits charged per kept group for its position")
   p.add_argument("--logit-lr", type=float, default=0.05,
                  help="learning rate of the bit logits' own Adam")
+  p.add_argument("--min-bits", type=int, default=1,
+                 help="width of a kept group at b = 1 (cx.methods.AJPQ.min_bits)")
+  p.add_argument("--hard-gate", action="store_true",
+                 help="the forward pass uses the rounded gate (kept iff b >= 0.5) "
+                      "with a straight-through gradient (cx.methods.AJPQ.hard_gate)")
   p.add_argument("--distill-alpha", type=float, default=0.0,
                  help="fine-tune against the dense baseline's logits: loss = "
                       "alpha * KD + (1 - alpha) * CE (cx.distill.polino_loss)")
@@ -119,7 +124,8 @@ def ajpq_method(lam: float, args) -> cx.methods.AJPQ:
   return cx.methods.AJPQ(
       size_penalty=lam, group_size=args.group_size, init_bits=args.init_bits,
       b_max=args.b_max, index_bits=args.index_bits,
-      logit_learning_rate=args.logit_lr)
+      logit_learning_rate=args.logit_lr, hard_gate=args.hard_gate,
+      min_bits=args.min_bits)
 
 
 def task_loss(model, teacher, args):
@@ -232,6 +238,7 @@ def main(argv=None) -> dict:
              "b_max": args.b_max, "init_bits": args.init_bits,
              "index_bits": args.index_bits, "logit_lr": args.logit_lr,
              "ajpq_lr": args.ajpq_lr, "distill_alpha": args.distill_alpha,
+             "hard_gate": args.hard_gate, "min_bits": args.min_bits,
              "bias_bits": args.bias_bits or None,
              "epochs": {"baseline": args.epochs, "finetune": args.ajpq_epochs},
              "runs": runs if len(runs) > 1 else [], "plot": plot})

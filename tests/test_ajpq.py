@@ -57,19 +57,24 @@ def _away_from_half(rng, n, b_max):
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   shape=st.sampled_from([(3, 5), (8, 8), (2, 3, 7)]),
                   group_size=st.sampled_from([1, 4, 16]),
-                  b_max=st.sampled_from([2.0, 8.0, 15.0]))
-def test_view_is_gate_times_noisy_weight_in_float64(seed, shape, group_size, b_max):
+                  b_max=st.sampled_from([2.0, 8.0, 12.0]),
+                  min_bits=st.sampled_from([1, 3]), hard=st.booleans())
+def test_view_is_gate_times_noisy_weight_in_float64(seed, shape, group_size, b_max,
+                                                    min_bits, hard):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal(shape).astype(np.float32)
-  method = AJPQ(group_size=group_size, b_max=b_max, init_bits=1.0)
+  method = AJPQ(group_size=group_size, b_max=b_max, init_bits=1.0,
+                min_bits=min_bits, hard_gate=hard)
   g = -(-w.size // group_size)
   logits = jnp.asarray(rng.normal(0, 3, g), jnp.float32)
   key = jax.random.key(seed)
   out = np.asarray(method.view(w, {"logits": logits}, key), np.float64)
   b = _per_weight(_np_bits(logits, b_max), w.size, group_size).reshape(shape)
   gate = np.clip(b, 0, 1)
+  if hard:
+    gate = np.round(gate)
   w64 = w.astype(np.float64)
-  delta = (w64.max() - w64.min()) / (2 ** np.maximum(b, 1) - 1)
+  delta = (w64.max() - w64.min()) / (2 ** (np.maximum(b, 1) + min_bits - 1) - 1)
   ref = gate * (w64 + delta * _np_uniform(key, shape))
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -88,8 +93,8 @@ def test_view_is_deterministic_per_key_eager_and_jitted():
   assert a["b"] is train["params"]["b"]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_view_gradients_equal_autodiff_of_the_formula(seed):
+@pytest.mark.parametrize("seed,min_bits,hard", [(0, 1, False), (1, 3, True)])
+def test_view_gradients_equal_autodiff_of_the_formula(seed, min_bits, hard):
   rng = np.random.default_rng(seed)
   shape, gs, b_max = (9, 7), 4, 8.0
   w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -99,7 +104,7 @@ def test_view_gradients_equal_autodiff_of_the_formula(seed):
   key = jax.random.key(seed)
   u = jnp.asarray(_np_uniform(key, shape), jnp.float32)
   c = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  method = AJPQ(group_size=gs, b_max=b_max)
+  method = AJPQ(group_size=gs, b_max=b_max, min_bits=min_bits, hard_gate=hard)
 
   def ours(x, lg):
     return jnp.sum(c * method.view(x, {"logits": lg}, key))
@@ -107,8 +112,12 @@ def test_view_gradients_equal_autodiff_of_the_formula(seed):
   def reference(x, lg):
     b = b_max * jax.nn.sigmoid(lg)
     bw = jnp.repeat(b, gs)[:x.size].reshape(shape)
-    delta = (jnp.max(x) - jnp.min(x)) / (jnp.exp2(jnp.maximum(bw, 1.0)) - 1.0)
-    return jnp.sum(c * jnp.clip(bw, 0.0, 1.0) * (x + delta * u))
+    delta = (jnp.max(x) - jnp.min(x)) / (
+        jnp.exp2(jnp.maximum(bw, 1.0) + min_bits - 1) - 1.0)
+    gate = jnp.clip(bw, 0.0, 1.0)
+    if hard:  # straight through
+      gate = gate + jax.lax.stop_gradient(jnp.round(gate) - gate)
+    return jnp.sum(c * gate * (x + delta * u))
 
   got = jax.grad(ours, argnums=(0, 1))(w, logits)
   want = jax.grad(reference, argnums=(0, 1))(w, logits)
@@ -125,24 +134,27 @@ def test_view_needs_a_key():
 # -- the size penalty -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group_size,index_bits", [(1, 0.0), (5, 1.0), (16, 2.5)])
-def test_size_penalty_and_its_gradient_match_numpy(group_size, index_bits):
+@pytest.mark.parametrize("group_size,index_bits,min_bits",
+                         [(1, 0.0, 1), (5, 1.0, 1), (16, 2.5, 1), (5, 1.0, 4)])
+def test_size_penalty_and_its_gradient_match_numpy(group_size, index_bits, min_bits):
   rng = np.random.default_rng(group_size)
   w = jnp.asarray(rng.standard_normal((11, 6)), jnp.float32)
   n_g = -(-w.size // group_size)
   logits = jnp.asarray(rng.normal(-1, 3, n_g), jnp.float32)
   method = AJPQ(size_penalty=0.3, group_size=group_size, b_max=6.0,
-                index_bits=index_bits)
+                index_bits=index_bits, min_bits=min_bits)
   counts = np.minimum(group_size, w.size - group_size * np.arange(n_g))
   b = _np_bits(logits, 6.0)
   gate = np.clip(b, 0, 1)
-  bits = np.sum(counts * b) + np.sum(gate) * (4 + index_bits) + 64
+  payload = np.where(b < 1, b * min_bits, b + min_bits - 1)
+  bits = np.sum(counts * payload) + np.sum(gate) * (4 + index_bits) + 64
   aux = {"logits": logits}
   np.testing.assert_allclose(float(method.size_mb(w, aux)), bits / _MB_BITS, rtol=1e-5)
   np.testing.assert_allclose(float(method.penalty(w, aux)), 0.3 * bits / _MB_BITS,
                              rtol=1e-5)
   s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
-  d = (counts + (b < 1) * (4 + index_bits)) * 6.0 * s * (1 - s) * 0.3 / _MB_BITS
+  d_payload = np.where(b < 1, min_bits, 1.0)
+  d = (counts * d_payload + (b < 1) * (4 + index_bits)) * 6.0 * s * (1 - s) * 0.3 / _MB_BITS
   grad = jax.grad(lambda lg: method.penalty(w, {"logits": lg}))(logits)
   np.testing.assert_allclose(np.asarray(grad, np.float64), d, rtol=1e-4, atol=1e-14)
 
@@ -180,20 +192,24 @@ def test_penalty_alone_drives_groups_to_zero_bits():
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   shape=st.sampled_from([(5, 7), (16, 8), (3, 4, 5)]),
                   group_size=st.sampled_from([1, 3, 16]),
-                  b_max=st.sampled_from([3.0, 8.0, 15.0]))
-def test_finalize_matches_numpy_codes_mask_and_reading(seed, shape, group_size, b_max):
+                  b_max=st.sampled_from([3.0, 8.0, 15.0]),
+                  min_bits=st.sampled_from([1, 2]))
+def test_finalize_matches_numpy_codes_mask_and_reading(seed, shape, group_size, b_max,
+                                                        min_bits):
+  b_max = min(b_max, 16.0 - min_bits)
   rng = np.random.default_rng(seed)
   w = rng.standard_normal(shape).astype(np.float32)
   n_g = -(-w.size // group_size)
   bits_f = _away_from_half(rng, n_g, b_max)
   logits = _logits_for(bits_f, b_max)
-  node = AJPQ(group_size=group_size, b_max=b_max).finalize(
+  node = AJPQ(group_size=group_size, b_max=b_max, min_bits=min_bits).finalize(
       "w", w, {"logits": logits})
   assert isinstance(node, cx.prune.MaskedArray)
   q = node.value
   assert isinstance(q, cx.diffq.DiffQArray) and q.group_size == group_size
   bits = np.round(_np_bits(logits, b_max))
   keep = _per_weight(bits >= 1, w.size, group_size)
+  bits = np.where(bits >= 1, bits + min_bits - 1, 0)
   np.testing.assert_array_equal(np.asarray(node.mask).ravel(), keep)
   np.testing.assert_array_equal(np.asarray(q.bits), np.where(bits >= 1, bits, 1))
   flat = w.ravel().astype(np.float64)
@@ -272,7 +288,9 @@ def test_plan_finalize_leaves_biases_and_saves(tmp_path):
     (dict(size_penalty=float("nan")), "size_penalty"),
     (dict(init_bits=8.0, b_max=8.0), "init_bits"), (dict(init_bits=0.0), "init_bits"),
     (dict(index_bits=-1.0), "index_bits"),
-    (dict(logit_learning_rate=0.0), "logit_learning_rate")])
+    (dict(logit_learning_rate=0.0), "logit_learning_rate"),
+    (dict(min_bits=0), "min_bits"), (dict(min_bits=9, b_max=8.0), "min_bits"),
+    (dict(hard_gate=1), "hard_gate")])
 def test_bad_config_is_a_value_error_naming_the_setting(kwargs, match):
   with pytest.raises(ValueError, match=f"AJPQ: {match} must be"):
     AJPQ(**kwargs)

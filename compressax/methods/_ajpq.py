@@ -87,6 +87,17 @@ class AJPQ(Method):
       of what the sparse coding of a group mask costs (a bitmap over groups
       costs 1 per group; the file's mask coder chooses its own layout).
     logit_learning_rate: Adam learning rate of the logits (DiffQ: 1e-3).
+    hard_gate: the view uses the rounded gate (0 or 1: kept iff ``b >= 0.5``,
+      as finalize decides) with the gradient of ``clip(b, 0, 1)`` passed
+      straight through, so training sees the pruning the file will hold
+      (a soft gate lets groups settle at fractions that rounding changes).
+    min_bits: the width of a kept group at ``b = 1``; above the gate the
+      widths shift by ``min_bits - 1`` (noise at ``max(b, 1) + min_bits - 1``
+      bits, payload ``n_g (min_bits gate + max(b - 1, 0))``, stored width
+      ``round(b) + min_bits - 1``), so a group is either pruned or stored
+      at ``min_bits`` or more (1: the plain formulation above; a per-tensor
+      range at 1 or 2 bits has no level near 0). ``b_max + min_bits - 1``
+      must not exceed 15.
 
   Raises:
     ValueError: at construction, for a config out of range (naming it); at
@@ -104,6 +115,8 @@ class AJPQ(Method):
   b_max: float = 8.0
   index_bits: float = 1.0
   logit_learning_rate: float = 1e-3
+  hard_gate: bool = False
+  min_bits: int = 1
 
   def __post_init__(self):
     def bad(name, want):
@@ -123,6 +136,11 @@ class AJPQ(Method):
       bad("index_bits", "a finite number >= 0")
     if not _number(self.logit_learning_rate) or not self.logit_learning_rate > 0:
       bad("logit_learning_rate", "> 0")
+    if not isinstance(self.hard_gate, (bool, np.bool_)):
+      bad("hard_gate", "a bool")
+    if (isinstance(self.min_bits, bool) or not isinstance(self.min_bits, (int, np.integer))
+        or not 1 <= self.min_bits <= _bits.MAX_BITS + 1 - self.b_max):
+      bad("min_bits", f"an int in [1, 16 - b_max = {_bits.MAX_BITS + 1 - self.b_max:g}]")
 
   def init(self, path, w, key):
     del key
@@ -143,14 +161,17 @@ class AJPQ(Method):
                        "to Plan.view / Plan.loss")
     seeds = jax.random.bits(key, (2,), jnp.uint32)
     return _view_leaf(jnp.asarray(w), aux["logits"], seeds, float(self.b_max),
-                      group_size=self.group_size)
+                      float(self.min_bits - 1), group_size=self.group_size,
+                      hard=bool(self.hard_gate))
 
   def size_mb(self, w, aux) -> jax.Array:
     """The leaf's differentiable size in MB (see the class docstring)."""
     counts = _bits.group_counts(int(np.size(w)), self.group_size)
     b = self.bits(aux)
     gate = jnp.clip(b, 0.0, 1.0)
-    total = (jnp.sum(jnp.asarray(counts, jnp.float32) * b)
+    payload = b if self.min_bits == 1 else (
+        self.min_bits * gate + jnp.maximum(b - 1.0, 0.0))
+    total = (jnp.sum(jnp.asarray(counts, jnp.float32) * payload)
              + jnp.sum(gate) * (_size.WIDTH_BITS + float(self.index_bits))
              + float(_size.RANGE_BITS))
     return total / _MB_BITS
@@ -166,7 +187,8 @@ class AJPQ(Method):
     _checks.check_finite(path, w)
     w = jnp.asarray(w)
     codes, widths, lo, hi, keep = _finalize_leaf(
-        w, aux["logits"], float(self.b_max), group_size=self.group_size)
+        w, aux["logits"], float(self.b_max), float(self.min_bits - 1),
+        group_size=self.group_size)
     value = DiffQArray(codes=codes, bits=widths, lo=lo, hi=hi, shape=tuple(w.shape),
                        dtype=np.dtype(w.dtype), group_size=self.group_size)
     return _prune.MaskedArray(value, np.asarray(keep), tuple(w.shape),
@@ -174,20 +196,24 @@ class AJPQ(Method):
 
 
 # Jitted so that eager and jitted callers run the same compiled arithmetic.
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def _view_leaf(w, logit, seeds, b_max, *, group_size):
+@functools.partial(jax.jit, static_argnames=("group_size", "hard"))
+def _view_leaf(w, logit, seeds, b_max, shift, *, group_size, hard):
   b = _bits.logit_bits(logit, 0.0, b_max)
-  gate = _bits.expand(jnp.clip(b, 0.0, 1.0), w.shape, group_size)
+  gate = jnp.clip(b, 0.0, 1.0)
+  if hard:  # exact: round(g) - g and the sum are exact for g in [0, 1]
+    gate = gate + jax.lax.stop_gradient(jnp.round(gate) - gate)
+  gate = _bits.expand(gate, w.shape, group_size)
   # DiffQ's noisy leaf at max(b, 1) bits: its custom gradient carries the
   # range rule to `w` and d/d(bits) to the logits above 1 bit.
-  noisy = _noise._uniform_noisy(w, jnp.maximum(b, 1.0), seeds, group_size, 0)
+  noisy = _noise._uniform_noisy(w, jnp.maximum(b, 1.0) + shift, seeds, group_size, 0)
   return (gate * noisy.astype(jnp.float32)).astype(w.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
-def _finalize_leaf(w, logit, b_max, *, group_size):
-  bits = jnp.clip(jnp.round(_bits.logit_bits(logit, 0.0, b_max)), 0, _bits.MAX_BITS)
+def _finalize_leaf(w, logit, b_max, shift, *, group_size):
+  bits = jnp.round(_bits.logit_bits(logit, 0.0, b_max))
   kept = bits >= 1
+  bits = jnp.clip(bits + shift, 0, _bits.MAX_BITS)
   keep = _bits.expand(kept, w.shape, group_size)
   x = w.astype(jnp.float32)
   any_kept = jnp.any(kept)
