@@ -309,3 +309,32 @@ def test_bad_leaves_name_their_path():
     AJPQ().init(path, np.ones((4, 4), np.int32), None)
   with pytest.raises(TypeError, match=r"\['w'\].*floating-point"):
     AJPQ().finalize(path, np.ones((4, 4), np.int32), {"logits": jnp.zeros(1)})
+
+
+def test_kept_codes_are_written_at_their_groups_widths(tmp_path):
+  # Incompressible codes at 1 and 15 bits in the kept groups: the file's code
+  # payload is the sum of n_g b_g over the kept groups (each kept code at its
+  # own group's width), not a stream coded at one width or one distribution.
+  rng = np.random.default_rng(0)
+  shape, gs = (128, 64), 16
+  n_g = shape[0] * shape[1] // gs
+  kind = rng.integers(0, 8, n_g)               # 0-3: pruned, 4-6: 1 bit, 7: 15 bits
+  widths = np.where(kind == 7, 15, 1).astype(np.uint8)
+  kept = kind >= 4
+  top = (1 << widths.astype(np.int64)) - 1
+  codes = (rng.integers(0, 2 ** 16, shape[0] * shape[1]) % (np.repeat(top, gs) + 1))
+  mask = np.repeat(kept, gs).reshape(shape)
+
+  def node(c):
+    q = cx.diffq.DiffQArray(jnp.asarray(c.reshape(shape).astype(np.uint16)),
+                            jnp.asarray(widths), jnp.float32(-1), jnp.float32(1),
+                            shape, np.dtype(np.float32), gs)
+    return cx.prune.MaskedArray(q, mask, shape, np.dtype(np.float32))
+
+  full = cx.save(str(tmp_path / "codes.cx"), {"w": node(codes)})
+  empty = cx.save(str(tmp_path / "zeros.cx"), {"w": node(np.zeros_like(codes))})
+  payload = int(np.sum(gs * widths.astype(np.int64)[kept])) // 8
+  assert payload <= full - empty <= payload * 1.01 + 64
+  loaded = cx.load(str(tmp_path / "codes.cx"), keep_compressed=True)["w"]
+  np.testing.assert_array_equal(np.asarray(loaded.value.codes)[mask],
+                                codes.reshape(shape)[mask])

@@ -94,6 +94,7 @@ from compressax._node import leaf_name
 from compressax._node import leaf_storage
 from compressax._node import leaf_version
 from compressax.io._codec import encode_flat, encode_mask, kind_of
+from compressax.io._grouped import dense_widths
 from compressax.io._grouped import group_spec
 
 __all__ = ["save", "CorruptFileError", "LimitExceededError", "FORMAT_VERSION",
@@ -205,7 +206,16 @@ class _Encoder:
     sparse = ctx is not None and arr.shape == ctx[0].shape
     if ctx is not None and sparse:  # the context's scan order, at its kept positions only
       perm = ctx[1]
-      enc, payload = encode_flat(_scan(arr, perm)[ctx[2]])
+      kept_groups = None
+      if groups is not None and kind_of(arr.dtype) == "int":
+        try:  # each kept code at its group's width (see ``_grouped``)
+          ew = _scan(dense_widths(groups[0], groups[1], arr.shape), perm)[ctx[2]]
+          kept_groups = (ew, 1, groups[2])
+        except ValueError:
+          pass
+      enc, payload = encode_flat(_scan(arr, perm)[ctx[2]], kept_groups)
+      if enc.get("scheme") == "grouped":
+        enc["group_size"] = int(groups[1])
     elif arr.dtype == bool and arr.ndim >= 2:
       perms = _scan_orders(arr.ndim)
       k, enc, payload = encode_mask([_scan(arr, p) for p in perms])

@@ -24,6 +24,13 @@ names (a node without the hook is stored field by field). The writer
 uses the grouped layout only when it is consistent (one width per group, every
 code fits its width) and smaller than the generic integer encoding.
 
+Inside an enclosing sparse mask (a ``MaskedArray`` over a grouped node, as
+``cx.methods.AJPQ`` and ``Magnitude >> DiffQ`` store) only the kept codes are
+written, in the mask's scan order; each kept code keeps its group's width, so
+the same classes apply to them: the record's ``group_size`` is still the
+node's, and the reader expands the widths to the dense shape, scans them as
+the mask and keeps the kept positions' (:func:`kept_widths`) before decoding.
+
 References:
   Défossez, Adi, Synnaeve, *Differentiable Model Compression via
   Pseudo Quantization Noise*, 2021, Sec. 2 (levels bit-packed per bit width).
@@ -68,6 +75,21 @@ def group_lengths(count: int, group_size: int, n_groups: int) -> np.ndarray | No
 
 def _element_widths(widths: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return np.repeat(widths.astype(np.int64), lengths)
+
+
+def dense_widths(widths, group_size: int, shape: tuple) -> np.ndarray:
+  """Each element's width, in the dense ``shape``; ``ValueError`` if it cannot be."""
+  widths = np.asarray(widths)
+  if not np.issubdtype(widths.dtype, np.integer) or widths.ndim != 1:
+    raise ValueError("grouped widths must be a 1-D integer array")
+  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+    raise ValueError(f"bad group size {group_size!r}")
+  count = int(np.prod(shape, dtype=np.int64))
+  lengths = group_lengths(count, int(group_size), widths.size)
+  if lengths is None:
+    raise ValueError(f"{widths.size} groups do not fit {count} codes in groups "
+                     f"of {group_size}")
+  return _element_widths(widths, lengths).reshape(shape)
 
 
 def encode_grouped(flat: np.ndarray, widths, group_size: int,

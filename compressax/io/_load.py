@@ -37,6 +37,7 @@ import numpy as np
 from compressax._node import leaf_type
 from compressax._node import leaf_version
 from compressax.io._codec import decode_flat
+from compressax.io._grouped import dense_widths
 from compressax.io._format import _HEADER
 from compressax.io._format import FLAG_ZLIB_MANIFEST
 from compressax.io._format import FORMAT_VERSION
@@ -306,7 +307,17 @@ class _Decoder:
       if ctx is None or ctx.shape != shape:
         self.fail(tpath, "sparse array without a matching mask")
       sel = _scan(ctx, perm)
-      flat = decode_flat(enc, payload, dtype, int(sel.sum()))
+      if isinstance(enc, dict) and enc.get("scheme") == "grouped":
+        # The kept codes' widths: the node's, expanded and scanned as the mask.
+        field = enc.get("widths")
+        widths = (siblings or {}).get(field) if isinstance(field, str) else None
+        if widths is None:
+          raise ValueError(f"grouped codes without their widths field {field!r}")
+        ew = _scan(dense_widths(widths, enc.get("group_size"), shape), perm)[sel]
+        flat = decode_flat(dict(enc, group_size=1), payload, dtype, int(sel.sum()),
+                           {field: ew})
+      else:
+        flat = decode_flat(enc, payload, dtype, int(sel.sum()))
       out = np.zeros(n, dtype)
       out[sel] = flat
     else:
