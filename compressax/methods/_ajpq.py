@@ -73,9 +73,10 @@ class AJPQ(Method):
   ``cx.prune.MaskedArray`` (the kept groups' positions) over a
   ``cx.diffq.DiffQArray`` whose range ``[lo, hi]`` is the kept weights'
   (pruned ones do not widen it); pruned groups get the placeholder width 1
-  and code 0, and the file writes neither their codes nor their positions
-  (only the kept codes, under the mask). ``materialize()`` is the
-  deterministic reading of the view: no noise, the gate rounded.
+  and code 0. The file writes the mask and only the kept codes, each at its
+  group's width (the placeholder widths remain in the entropy-coded widths
+  field). ``materialize()`` is the deterministic reading of the view: no
+  noise, the gate rounded.
 
   Attributes:
     size_penalty: lambda per MB of the size term (DiffQ's range: 1e-3 to 10).
