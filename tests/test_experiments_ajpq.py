@@ -25,12 +25,14 @@ def test_ajpq_smoke_results_agree_with_files(tmp_path):
   out = tmp_path / "ajpq"
   with jax.numpy_dtype_promotion("standard"):  # optax.adam's schedule
     res = ajpq.main(["--epochs", "1", "--ajpq-epochs", "1", "--lambdas", "0", "300",
-                     "--logit-lr", "0.2", "--bias-bits", "8", "--quiet",
+                     "--logit-lr", "0.2", "--bias-bits", "8", "--hard-gate",
+                     "--min-bits", "2", "--quiet",
                      "--seed", "3", "--out", str(out)])
   with open(out / "results.json") as f:
     saved = json.load(f)
   assert saved["test_error"] == res["test_error"]
   assert saved["lambda"] == 300 and "--seed 3" in saved["command"]
+  assert saved["hard_gate"] is True and saved["min_bits"] == 2
   model = models_lib.get_model("lenet300")
   n = models_lib.param_count(models_lib.param_shapes(model, _DS.image_shape))
   assert saved["dense_fp32_bytes"] == 4 * n
@@ -59,5 +61,6 @@ def test_ajpq_smoke_results_agree_with_files(tmp_path):
     bits = np.repeat(np.asarray(node.value.bits), 16)[:mask.size]
     assert stats["kept_fraction"] == pytest.approx(mask.mean(), rel=1e-12)
     assert stats["mean_kept_bits"] == pytest.approx(bits[mask].mean(), rel=1e-12)
+    assert bits[mask].min() >= 2   # --min-bits 2
     assert isinstance(tree["params"][layer]["bias"], cx.quantize.QuantizedArray)
   assert min(s["kept_fraction"] for s in kernels.values()) < 1.0
