@@ -63,6 +63,11 @@ def _add_arguments(p):
   p.add_argument("--teacher-warmup", type=int, default=0,
                  help="epochs of training only the unimportant weights (the "
                       "teacher's cross-entropy, the student held) before phase 2")
+  p.add_argument("--pqk-stage", choices=("shared", "pruned"), default="shared",
+                 help="where phase 2 runs: on the pruned, weight-shared student "
+                      "(shared; PQK's order) or on the pruned float student "
+                      "before weight sharing (pruned; then --share-epochs of "
+                      "centroid training)")
   p.add_argument("--teacher-grad", choices=("shared", "own"), default="shared",
                  help="what the teacher's cross-entropy trains: the shared "
                       "important weights too (shared, PQK's joint training) or "
@@ -177,7 +182,16 @@ def main(argv=None) -> dict:
   pruned_error = train_lib.evaluate(model, params, ds.x_test, ds.y_test)
   dc._log(args, f"  pruned + retrained: test error {pruned_error:.4f}")
 
-  epochs = args.share_epochs + args.pqk_epochs  # one cosine schedule over both
+  if args.pqk_stage == "pruned":  # phase 2 on the float pruned weights
+    held = dc.prune_plan(args, args.prune_iters)  # the last round's masks, held
+    train = held.init(params)
+    tx = held.optimizer(dc._sgd(args, ds, args.prune_lr, args.pqk_epochs,
+                                args.weight_decay))
+    train, teacher = distill_phase(model, held, train, tx, tx.init(train),
+                                   unimportant, ds, args, curves)
+    params = held.view(train)
+  shared_stage = args.pqk_stage == "shared"
+  epochs = args.share_epochs + args.pqk_epochs * shared_stage  # one cosine schedule
   plan, train, tx, state, kmeans_error = dc.share(model, params, ds, args, epochs)
   if args.share_epochs:
     train, state, hist = dc._fit(model, plan, train, tx, ds, args,
@@ -185,9 +199,10 @@ def main(argv=None) -> dict:
                                  desc="share", opt_state=state)
     curves["share"] = hist["test_error"]
   shared_error = train_lib.evaluate(model, plan.view(train), ds.x_test, ds.y_test)
-  dc._log(args, f"  phase 1 done (pruned, shared): test error {shared_error:.4f}")
-  train, teacher = distill_phase(model, plan, train, tx, state, unimportant,
-                                 ds, args, curves)
+  dc._log(args, f"  pruned and shared: test error {shared_error:.4f}")
+  if shared_stage:
+    train, teacher = distill_phase(model, plan, train, tx, state, unimportant,
+                                   ds, args, curves)
   tree = dc.quantize_biases(plan.finalize(train), args.bias_bits)
 
   os.makedirs(args.out, exist_ok=True)
@@ -208,7 +223,7 @@ def main(argv=None) -> dict:
           "pqk": {"alpha": args.pqk_alpha, "temperature": args.pqk_temperature,
                   "epochs": args.pqk_epochs, "teacher_lr": args.teacher_lr,
                   "teacher_warmup": args.teacher_warmup,
-                  "teacher_grad": args.teacher_grad},
+                  "teacher_grad": args.teacher_grad, "stage": args.pqk_stage},
           "keep": args.keep, "bits": args.bits,
           "bias_bits": args.bias_bits or None,
           "kept_fraction": stats["global"]["kept"] / stats["global"]["size"],

@@ -16,16 +16,18 @@ from experiments import pqk
 from experiments import train as train_lib
 
 
-def test_pqk_smoke_results_agree_with_file(tmp_path):
+@pytest.mark.parametrize("stage", ["shared", "pruned"])
+def test_pqk_smoke_results_agree_with_file(tmp_path, stage):
   out = tmp_path / "pqk"
   res = pqk.main(["--epochs", "2", "--prune-iters", "2", "--prune-epochs", "2",
                   "--share-epochs", "1", "--pqk-epochs", "1", "--seed", "1",
-                  "--quiet", "--no-plot", "--out", str(out)])
+                  "--pqk-stage", stage, "--quiet", "--no-plot", "--out", str(out)])
   with open(out / "results.json") as f:
     saved = json.load(f)
   assert saved["test_error"] == res["test_error"]
   assert saved["file_bytes"] == os.path.getsize(out / "model.cx")
   assert saved["experiment"] == "pqk" and saved["epochs"]["pqk"] == 1
+  assert saved["pqk"]["stage"] == stage
   for key in ("teacher_error", "teacher_error_before", "phase1_test_error"):
     assert 0.0 <= saved[key] <= 1.0
   model = models_lib.get_model("lenet300")
