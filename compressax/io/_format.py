@@ -206,16 +206,16 @@ class _Encoder:
     sparse = ctx is not None and arr.shape == ctx[0].shape
     if ctx is not None and sparse:  # the context's scan order, at its kept positions only
       perm = ctx[1]
-      kept_groups = None
+      kept_groups, node_group_size = None, None
       if groups is not None and kind_of(arr.dtype) == "int":
         try:  # each kept code at its group's width (see ``_grouped``)
           ew = _scan(dense_widths(groups[0], groups[1], arr.shape), perm)[ctx[2]]
-          kept_groups = (ew, 1, groups[2])
+          kept_groups, node_group_size = (ew, 1, groups[2]), int(groups[1])
         except ValueError:
           pass
       enc, payload = encode_flat(_scan(arr, perm)[ctx[2]], kept_groups)
-      if enc.get("scheme") == "grouped":
-        enc["group_size"] = int(groups[1])
+      if node_group_size is not None and enc.get("scheme") == "grouped":
+        enc["group_size"] = node_group_size
     elif arr.dtype == bool and arr.ndim >= 2:
       perms = _scan_orders(arr.ndim)
       k, enc, payload = encode_mask([_scan(arr, p) for p in perms])

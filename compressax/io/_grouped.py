@@ -77,7 +77,7 @@ def _element_widths(widths: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return np.repeat(widths.astype(np.int64), lengths)
 
 
-def dense_widths(widths, group_size: int, shape: tuple) -> np.ndarray:
+def dense_widths(widths, group_size, shape: tuple) -> np.ndarray:
   """Each element's width, in the dense ``shape``; ``ValueError`` if it cannot be."""
   widths = np.asarray(widths)
   if not np.issubdtype(widths.dtype, np.integer) or widths.ndim != 1:

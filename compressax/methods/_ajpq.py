@@ -192,7 +192,7 @@ class AJPQ(Method):
         group_size=self.group_size)
     value = DiffQArray(codes=codes, bits=widths, lo=lo, hi=hi, shape=tuple(w.shape),
                        dtype=np.dtype(w.dtype), group_size=self.group_size)
-    return _prune.MaskedArray(value, np.asarray(keep), tuple(w.shape),
+    return _prune.MaskedArray(value, keep, tuple(w.shape),
                               np.dtype(w.dtype))
 
 
@@ -207,7 +207,7 @@ def _view_leaf(w, logit, seeds, b_max, shift, *, group_size, hard):
   # DiffQ's noisy leaf at max(b, 1) bits: its custom gradient carries the
   # range rule to `w` and d/d(bits) to the logits above 1 bit.
   noisy = _noise._uniform_noisy(w, jnp.maximum(b, 1.0) + shift, seeds, group_size, 0)
-  return (gate * noisy.astype(jnp.float32)).astype(w.dtype)
+  return (gate * jnp.asarray(noisy, jnp.float32)).astype(w.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
