@@ -186,7 +186,17 @@ def _fuzz_base():
       "lr": cx.lowrank.factorize(jnp.asarray(w), 2),
       "c": np.full(50, 3, np.int64),    # constant: no payload at all
       "f": np.zeros((4, 4), bool),      # all false: no index codes
+      "g": _masked_grouped(rng),        # kept codes at their groups' widths
   }
+
+
+def _masked_grouped(rng):
+  """A ``MaskedArray`` over a ``DiffQArray`` (AJPQ's node): grouped codes under a mask."""
+  w = jnp.asarray(rng.normal(size=(32, 16)).astype(np.float32))
+  logits = {"w": jnp.asarray(4 * rng.normal(size=64).astype(np.float32))}
+  node = cx.diffq.quantize({"w": w}, logits, group_size=8, b_min=1, b_max=8)["w"]
+  keep = np.repeat(rng.random(64) < 0.6, 8).reshape(32, 16)
+  return cx.prune.MaskedArray(node, keep, (32, 16), np.dtype(np.float32))
 
 
 _NASTY = [0, 1, -1, 7, 255, 1 << 20, 1 << 26, 1 << 31, 1 << 40, 1 << 62, 2 ** 70,
@@ -342,3 +352,21 @@ def test_honest_files_pass_validation(tmp_path):
   # The forger itself is faithful: an unedited round trip still loads.
   again = _forge((tmp_path / "n.cx").read_bytes(), lambda t: None)
   _load.loads(again, "again.cx")
+
+
+@pytest.mark.parametrize("edit", [{"group_size": 5}, {"group_size": "x"},
+                                  {"widths": "nope"}, {"widths": None}])
+def test_forged_grouped_codes_under_a_mask_are_corrupt(tmp_path, edit):
+  """The kept codes of a masked grouped node: a group size that does not fit
+  the node, or a widths field that is not there, is a CorruptFileError."""
+  io.save(tmp_path / "g.cx", {"g": _masked_grouped(np.random.default_rng(0))})
+
+  def forge(tree):
+    value = dict(tree["items"][0][1]["fields"])["value"]
+    enc = dict(value["fields"])["codes"]["enc"]
+    assert enc["scheme"] == "grouped"
+    enc.update(edit)
+
+  bad = _forge((tmp_path / "g.cx").read_bytes(), forge)
+  with pytest.raises(io.CorruptFileError, match="codes"):
+    _load.loads(bad, "g.cx")

@@ -312,8 +312,11 @@ class _Decoder:
         field = enc.get("widths")
         widths = (siblings or {}).get(field) if isinstance(field, str) else None
         if widths is None:
-          raise ValueError(f"grouped codes without their widths field {field!r}")
-        ew = _scan(dense_widths(widths, enc.get("group_size"), shape), perm)[sel]
+          self.fail(tpath, f"grouped codes without their widths field {field!r}")
+        try:
+          ew = _scan(dense_widths(widths, enc.get("group_size"), shape), perm)[sel]
+        except ValueError as e:
+          self.fail(tpath, f"grouped codes under a mask: {e}")
         flat = decode_flat(dict(enc, group_size=1), payload, dtype, int(sel.sum()),
                            {field: ew})
       else:
