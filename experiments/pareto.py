@@ -96,7 +96,9 @@ def plot(path: str, pts: list[dict], max_error: float) -> None:
                            squeeze=False)
   markers = "osD^v<>phX*P"
   labels = sorted({p["label"] for p in pts})
-  style = {lab: (markers[i % len(markers)], f"C{i % 10}") for i, lab in enumerate(labels)}
+  colors = plt.get_cmap("tab20").colors
+  style = {lab: (markers[i % len(markers)], colors[(2 * i) % 20 + (2 * i) // 20 % 2])
+           for i, lab in enumerate(labels)}
   for ax, model in zip(axes[0], models):
     mine = [p for p in pts if p["model"] == model]
     for lab in labels:
