@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from experiments import train as train_lib
+
 # The targets of the MNIST issue: (ratio, error ceiling) per model.
 TARGETS = {"lenet300": (80.0, 0.0164), "lenet5": (100.0, 0.0080)}
 TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
@@ -36,7 +38,7 @@ TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.pareto", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      formatter_class=train_lib.HelpFormatter)
   p.add_argument("runs", nargs="+", help="LABEL=GLOB or GLOB of results.json files")
   p.add_argument("--dataset", default="mnist",
                  help="keep runs whose dataset contains this string")
