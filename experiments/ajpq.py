@@ -55,6 +55,7 @@ import numpy as np
 import optax
 
 import compressax as cx
+from experiments import diffq as diffq_lib
 from experiments import train as train_lib
 from experiments.deep_compression import quantize_biases
 
@@ -178,30 +179,6 @@ def layer_stats(tree) -> dict:
   return out
 
 
-def plot_pareto(path: str, runs: list[dict], baseline: float, title: str) -> None:
-  """PNG of test error against file bytes, one point per lambda."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  pts = sorted((r["file_bytes"], r["test_error"], r["lambda"]) for r in runs)
-  xs, ys, _ = zip(*pts)
-  ax.plot(xs, ys, marker="o", label="ajpq")
-  for x, y, lam in pts:
-    ax.annotate(f"λ={lam:g}", (x, y), fontsize=7, textcoords="offset points",
-                xytext=(3, 3))
-  ax.axhline(baseline, color="gray", ls="--", label="fp32 baseline")
-  ax.set_xscale("log")
-  ax.set_xlabel("file bytes")
-  ax.set_ylabel("test error (decoded file)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.time()
@@ -220,7 +197,7 @@ def main(argv=None) -> dict:
   runs, saved = [], None
   for lam in args.lambdas:
     tree = run_ajpq(model, params, ds, lam, args)
-    entry = {"lambda": lam, "layers": layer_stats(tree)}
+    entry = {"method": "ajpq", "lambda": lam, "layers": layer_stats(tree)}
     if len(args.lambdas) > 1:
       entry.update(train_lib.saved_run(
           os.path.join(args.out, "runs", f"ajpq-lambda{lam:g}.cx"), tree, model, ds, args))
@@ -235,7 +212,8 @@ def main(argv=None) -> dict:
   if len(runs) > 1 and not args.no_plot:
     os.makedirs(args.out, exist_ok=True)
     plot = os.path.join(args.out, "pareto.png")
-    plot_pareto(plot, runs, baseline, f"AJPQ: {args.model} on {args.dataset}")
+    diffq_lib.plot_pareto(plot, runs, baseline, f"AJPQ: {args.model} on {args.dataset}",
+                          series=(("ajpq", "lambda"),))
   results = train_lib.write_results(
       args.out, tree, model=model, ds=ds, args=args, baseline_test_error=baseline,
       start_time=start, module=MODULE,

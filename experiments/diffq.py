@@ -187,13 +187,14 @@ def mean_bits(tree) -> float:
   return total / max(count, 1)
 
 
-def plot_pareto(path: str, runs: list[dict], baseline: float, title: str) -> None:
-  """PNG of test error against file bytes, one line per method."""
+def plot_pareto(path: str, runs: list[dict], baseline: float, title: str,
+                series=(("diffq", "lambda"), ("qat", "bits"))) -> None:
+  """PNG of test error against file bytes, one line per ``(method, tag key)``."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  for method, key in (("diffq", "lambda"), ("qat", "bits")):
+  for method, key in series:
     pts = sorted((r["file_bytes"], r["test_error"], r[key]) for r in runs
                  if r["method"] == method)
     if not pts:
