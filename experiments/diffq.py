@@ -188,26 +188,28 @@ def mean_bits(tree) -> float:
 
 
 def plot_pareto(path: str, runs: list[dict], baseline: float, title: str,
-                series=(("diffq", "lambda"), ("qat", "bits"))) -> None:
-  """PNG of test error against file bytes, one line per ``(method, tag key)``."""
+                series=(("diffq", "lambda"), ("qat", "bits")), *,
+                y: str = "test_error", ylabel: str = "test error (decoded file)"
+                ) -> None:
+  """PNG of ``run[y]`` against file bytes, one line per ``(method, tag key)``."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, key in series:
-    pts = sorted((r["file_bytes"], r["test_error"], r[key]) for r in runs
+    pts = sorted((r["file_bytes"], r[y], r[key]) for r in runs
                  if r["method"] == method)
     if not pts:
       continue
     xs, ys, tags = zip(*pts)
     ax.plot(xs, ys, marker="o", label=method)
-    for x, y, t in pts:
-      ax.annotate(f"{'λ' if key == 'lambda' else 'bits'}={t:g}", (x, y), fontsize=7,
+    for px, py, t in pts:
+      ax.annotate(f"{'λ' if key == 'lambda' else 'bits'}={t:g}", (px, py), fontsize=7,
                   textcoords="offset points", xytext=(3, 3))
   ax.axhline(baseline, color="gray", ls="--", label="fp32 baseline")
   ax.set_xscale("log")
   ax.set_xlabel("file bytes (model.cx)")
-  ax.set_ylabel("test error (decoded file)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
