@@ -119,34 +119,41 @@ def _finetune(model, corpus, train, plan, loss_fn, args, desc):
   return plan.finalize(train), train
 
 
-def run_diffq(model, corpus, params, lam: float, args):
-  """Fine-tune under noise and a size penalty; return the quantized tree."""
-  plan = cx.Plan([(quantized_leaf, cx.methods.DiffQ(
-      size_penalty=lam, group_size=args.group_size, init_bits=args.init_bits,
-      b_min=args.b_min, b_max=args.b_max, logit_learning_rate=args.logit_lr))])
-
-  def task(p, x, key):
-    return lm_lib.token_nll(model, p, x, train=True, key=key)
-  objective = plan.loss(task)
+def diffq_loss(model, plan: cx.Plan):
+  """``loss(train, windows, key)``: NLL of the noisy view (dropout on) + penalty."""
+  objective = plan.loss(lambda p, x, key: lm_lib.token_nll(model, p, x, train=True,
+                                                           key=key))
 
   def loss_fn(t, x, key):
     k_noise, k_drop = jax.random.split(key)
     return objective(t, k_noise, x, k_drop)
+  return loss_fn
 
-  tree, train = _finetune(model, corpus, plan.init(params), plan, loss_fn, args,
-                          f"diffq lambda={lam:g}")
+
+def qat_loss(model, plan: cx.Plan):
+  """``loss(train, windows, key)``: NLL of the straight-through view (dropout on)."""
+  return lambda t, x, key: lm_lib.token_nll(model, plan.view(t), x, train=True, key=key)
+
+
+def diffq_plan(lam: float, args) -> cx.Plan:
+  return cx.Plan([(quantized_leaf, cx.methods.DiffQ(
+      size_penalty=lam, group_size=args.group_size, init_bits=args.init_bits,
+      b_min=args.b_min, b_max=args.b_max, logit_learning_rate=args.logit_lr))])
+
+
+def run_diffq(model, corpus, params, lam: float, args):
+  """Fine-tune under noise and a size penalty; return the quantized tree."""
+  plan = diffq_plan(lam, args)
+  tree, train = _finetune(model, corpus, plan.init(params), plan,
+                          diffq_loss(model, plan), args, f"diffq lambda={lam:g}")
   return tree, diffq_lib.bit_logits(plan, train)
 
 
 def run_qat(model, corpus, params, bits: int, args):
   """Fine-tune on straight-through uniform codes; return the quantized tree."""
   plan = cx.Plan([(quantized_leaf, cx.methods.Uniform(bits))])
-
-  def loss_fn(t, x, key):
-    return lm_lib.token_nll(model, plan.view(t), x, train=True, key=key)
-
-  tree, _ = _finetune(model, corpus, plan.init(params), plan, loss_fn, args,
-                      f"qat {bits} bits")
+  tree, _ = _finetune(model, corpus, plan.init(params), plan, qat_loss(model, plan),
+                      args, f"qat {bits} bits")
   return tree
 
 
