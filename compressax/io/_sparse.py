@@ -108,12 +108,17 @@ def relative_index_decode(codes, index_bits: int, size: int) -> np.ndarray:
     A 1-D bool array of length ``size``.
 
   Raises:
-    ValueError: if the codes point past ``size`` or exceed ``2**b - 1``.
+    ValueError: for ``index_bits`` outside [1, 32] (a file's claim: checked
+      before ``2**b`` is formed), or if the codes point past ``size`` or
+      exceed ``2**b - 1``.
 
   References:
     Han, Mao, Dally. Deep Compression. ICLR 2016.
     https://arxiv.org/abs/1510.00149
   """
+  if isinstance(index_bits, bool) or index_bits != int(index_bits) or \
+      not 1 <= index_bits <= 32:
+    raise ValueError(f"index_bits must be an integer in [1, 32], got {index_bits!r}")
   fill = (1 << int(index_bits)) - 1
   c = np.asarray(codes).astype(np.int64).reshape(-1)
   if c.size and (c.min() < 0 or c.max() > fill):
