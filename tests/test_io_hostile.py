@@ -10,6 +10,7 @@ import time
 import tracemalloc
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -120,6 +121,20 @@ def test_all_false_mask_bomb():
   assert peak < 4 * _MB, peak
 
 
+def test_huge_relative_index_width_is_refused_before_use(tmp_path):
+  """A mask record claiming 2^31-bit relative indices: 2^b alone is 256 MB."""
+  io.save(tmp_path / "f.cx", {"f": np.zeros((4, 4), bool)})
+
+  def edit(tree):
+    dict(tree["items"])["f"]["enc"]["index_bits"] = 1 << 31
+
+  bad = _forge((tmp_path / "f.cx").read_bytes(), edit)
+  out, peak = _peak(lambda: _load.loads(bad, "f.cx"))
+  assert isinstance(out, io.CorruptFileError), out
+  assert "index_bits must be an integer in [1, 32], got 2147483648" in str(out)
+  assert peak < 4 * _MB, peak
+
+
 def test_lowrank_materialization_bomb():
   """Factors (8192, 0) @ (0, 8192) materialize a 256 MB matrix."""
   empty = {"kind": "float", "raw": 0}
@@ -187,6 +202,8 @@ def _fuzz_base():
       "c": np.full(50, 3, np.int64),    # constant: no payload at all
       "f": np.zeros((4, 4), bool),      # all false: no index codes
       "g": _masked_grouped(rng),        # kept codes at their groups' widths
+      "pq": cx.quantize.product(jnp.asarray(w[:, :4]), subvectors=2, bits=1,
+                                key=jax.random.key(0), iters=2),
   }
 
 
@@ -312,7 +329,9 @@ def _node_tree():
           "cb": cx.quantize.weight_share(jnp.asarray(w), 4),
           "pt": cx.quantize.quantize_points(
               jnp.asarray(w), jnp.linspace(0.0, 1.0, 4, dtype=jnp.float32)),
-          "dq": dq}
+          "dq": dq,
+          "pq": cx.quantize.product(jnp.asarray(w), subvectors=5, bits=2,
+                                    key=jax.random.key(0), iters=2)}
 
 
 def _meta(key, **kw):
@@ -334,6 +353,11 @@ def _meta(key, **kw):
     (_meta("pt", bucket_size=16), r"pt: ValueError: alpha must be floats of shape \(8,\)"),
     (_meta("dq", group_size=8), r"dq: ValueError: bits must be ints of shape \(15,\)"),
     (_meta("dq", shape=[120]), r"dq: ValueError: codes must be unsigned ints of shape"),
+    (_meta("pq", shape=[12, 15]), r"pq: ValueError: codebooks must be floats of shape \(m, 4, 15"),
+    (_meta("pq", shape=[11, 10]), r"pq: ValueError: codes must be unsigned ints of shape \(11, 5\)"),
+    (_meta("pq", bits=1), r"pq: ValueError: codebooks must be floats of shape \(m, 2, 10"),
+    (_meta("pq", bits=0), r"pq: ValueError: bits must be an int in \[1, 16\], got 0"),
+    (_meta("pq", shape=[120]), r"pq: ValueError: shape must be 2-D"),
 ])
 @pytest.mark.parametrize("keep", [True, False])
 def test_forged_metadata_is_refused(tmp_path, edit, match, keep):

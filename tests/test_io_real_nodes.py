@@ -76,6 +76,21 @@ def test_lowrank_and_diffq(tmp_path):
   _round_trip(tmp_path, tree)
 
 
+def test_product_quantized(tmp_path):
+  q = _need("quantize", "product", "ProductQuantizedArray")
+  node = q.product(_weights((300, 16), seed=6), subvectors=4, bits=5,
+                   key=jax.random.key(0), iters=3)
+  nodes, report = _round_trip(tmp_path, {"emb": node})
+  back = nodes["emb"]
+  assert type(back) is q.ProductQuantizedArray and back.bits == 5
+  np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(node.codes))
+  # Codes bit-packed at 5 bits (all 32 codewords used), float32 codebooks.
+  assert np.unique(np.asarray(node.codes)).size == 32
+  leaf = by_kind(report)["ProductQuantizedArray"]
+  assert leaf.bytes_raw == -(-300 * 4 * 5 // 8) + 4 * 4 * 32 * 4
+  assert 8 * leaf.bytes_raw - node.storage_bits() < 8
+
+
 def test_masked_codebook_in_transposed_scan_order(tmp_path):
   q = _need("quantize", "CodebookArray")
   p = _need("prune", "MaskedArray")

@@ -13,6 +13,7 @@ from compressax.methods._lowrank import LowRank
 from compressax.methods._prune import Channel
 from compressax.methods._prune import Magnitude
 from compressax.methods._prune import NM
+from compressax.methods._product import ProductQuantize
 from compressax.methods._quant import DiffQ
 from compressax.methods._quant import KMeans
 from compressax.methods._quant import LSQ
@@ -21,4 +22,5 @@ from compressax.methods._quant import Uniform
 from compressax.methods._weightless import Weightless
 
 __all__ = ["AJPQ", "Chain", "Channel", "DiffQ", "KMeans", "LSQ", "LowRank",
-           "Magnitude", "Method", "NM", "Points", "Uniform", "Weightless"]
+           "Magnitude", "Method", "NM", "Points", "ProductQuantize", "Uniform",
+           "Weightless"]
