@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get(
     "XLA_FLAGS", ""):
