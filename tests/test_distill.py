@@ -309,3 +309,37 @@ def test_shape_and_dtype_errors():
     D.ensemble_teacher([])
   with pytest.raises(ValueError, match="same shape"):
     D.ensemble_teacher([a, b])
+
+
+# ---------------------------------------------------------------- cosine loss
+
+_cosine = jax.jit(D.cosine_loss)
+
+
+@given(shape=_shapes, seed=st.integers(0, 2 ** 16), scale=st.floats(1e-3, 1e3))
+def test_cosine_loss_matches_float64_and_ignores_length(shape, seed, scale):
+  s, t = _logits(seed, shape), _logits(seed + 1, shape)
+  s64, t64 = s.astype(np.float64), t.astype(np.float64)
+  ref = 1 - np.sum(s64 * t64, -1) / (np.linalg.norm(s64, axis=-1) * np.linalg.norm(t64, axis=-1))
+  got = _cosine(s, t)
+  assert got.shape == shape[:-1] and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref, atol=2e-6)
+  np.testing.assert_allclose(_cosine(np.float32(scale) * s, t), ref, atol=2e-5)
+  np.testing.assert_allclose(_cosine(s, s), 0, atol=2e-6)
+  np.testing.assert_allclose(_cosine(s, -s), 2, atol=2e-6)
+
+
+def test_cosine_loss_zero_vector_bad_shapes_and_gradient():
+  z = np.zeros((2, 3), np.float32)
+  t = _logits(0, (2, 3))
+  np.testing.assert_allclose(D.cosine_loss(z, t), 1.0)
+  assert np.all(np.isfinite(jax.grad(lambda a: D.cosine_loss(a, t).sum())(z)))
+  with pytest.raises(ValueError, match="same shape"):
+    D.cosine_loss(t, t[:, :2])
+  with pytest.raises(TypeError):
+    D.cosine_loss(np.ones((2, 3), np.int32), t)
+  # The gradient is orthogonal to the student's own direction (length is free).
+  s = _logits(1, (4, 5))
+  u = _logits(2, (4, 5))
+  g = np.asarray(jax.grad(lambda a: D.cosine_loss(a, u).sum())(s))
+  np.testing.assert_allclose(np.sum(g * s, -1), 0, atol=1e-5)

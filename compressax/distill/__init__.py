@@ -4,6 +4,7 @@ Every loss returns per-example values (shape ``batch``, no reduction; take the
 mean yourself), computed in float32 from any floating input dtype.
 """
 
+from compressax.distill._features import cosine_loss
 from compressax.distill._features import ensemble_teacher
 from compressax.distill._features import hint_loss
 from compressax.distill._losses import alpha_divergence
@@ -16,6 +17,7 @@ from compressax.distill._pqk import pqk_teacher
 
 __all__ = [
     "alpha_divergence",
+    "cosine_loss",
     "cross_entropy",
     "ensemble_teacher",
     "hint_loss",

@@ -59,6 +59,42 @@ def hint_loss(student_features, teacher_features,
   return jnp.mean(jnp.square(s - t), axis=-1)
 
 
+def cosine_loss(student_features, teacher_features, *, eps: float = 1e-8) -> jax.Array:
+  """One minus the cosine similarity of the two feature vectors.
+
+  ``1 - <s, t> / (max(|s|, eps) max(|t|, eps))`` over the last axis: 0 when
+  the student's feature points the teacher's way, whatever its length; the
+  embedding-level distillation term for sentence embeddings (Wang et al.
+  2022 distill the final representation; the cosine is what retrieval
+  compares).
+
+  Args:
+    student_features: ``(*batch, D)`` floating features.
+    teacher_features: ``(*batch, D)`` floating features.
+    eps: the smallest norm divided by (a zero vector gives a loss of 1).
+
+  Returns:
+    float32 per-example losses of shape ``batch``, in ``[0, 2]``.
+
+  Raises:
+    ValueError: the two shapes differ.
+    TypeError: non-floating features.
+
+  References:
+    Wang et al., *Deep Compression of Pre-trained Transformer Models*,
+    NeurIPS 2022. https://openreview.net/forum?id=ijVH3GyGgrp
+  """
+  s = _float_logits("student_features", student_features)
+  t = _float_logits("teacher_features", teacher_features)
+  if s.shape != t.shape:
+    raise ValueError(f"student and teacher features must have the same shape, got "
+                     f"{s.shape} and {t.shape}")
+  # sqrt(max(|x|^2, eps^2)): max(|x|, eps) with a finite gradient at x = 0.
+  ns = jnp.sqrt(jnp.maximum(jnp.sum(s * s, axis=-1), eps * eps))
+  nt = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=-1), eps * eps))
+  return 1.0 - jnp.sum(s * t, axis=-1) / (ns * nt)
+
+
 def ensemble_teacher(logits: Union[Sequence[jax.Array], jax.Array], *,
                      temperature=1.0) -> jax.Array:
   """Logits of the average of several teachers' tempered probabilities.
