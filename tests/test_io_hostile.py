@@ -204,7 +204,15 @@ def _fuzz_base():
       "g": _masked_grouped(rng),        # kept codes at their groups' widths
       "pq": cx.quantize.product(jnp.asarray(w[:, :4]), subvectors=2, bits=1,
                                 key=jax.random.key(0), iters=2),
+      "nm": _two_four(rng, (64, 32)),   # a 2:4 mask: the bitgroups scheme
   }
+
+
+def _two_four(rng, shape):
+  """A 2:4 mask along axis 0 (a Dense kernel's inputs), random per group."""
+  rows, cols = shape
+  pick = np.argsort(rng.random((rows // 4, 4, cols)), axis=1) < 2
+  return pick.reshape(rows, cols)
 
 
 def _masked_grouped(rng):
@@ -221,7 +229,7 @@ _NASTY = [0, 1, -1, 7, 255, 1 << 20, 1 << 26, 1 << 31, 1 << 40, 1 << 62, 2 ** 70
           None, "x", 2.5, True, {}, [[]]]
 # Where sizes are declared: the mutator aims there half the time.
 _SIZES = {"shape", "count", "bits", "nnz", "mask_bytes", "index_bits", "p",
-          "group_size", "bucket_size", "rank", "alphabet", "raw"}
+          "group_size", "bucket_size", "rank", "alphabet", "raw", "group_bits"}
 
 
 def _slots(obj, path=()):
@@ -394,3 +402,74 @@ def test_forged_grouped_codes_under_a_mask_are_corrupt(tmp_path, edit):
   bad = _forge((tmp_path / "g.cx").read_bytes(), forge)
   with pytest.raises(io.CorruptFileError, match="codes"):
     _load.loads(bad, "g.cx")
+
+
+def _bitgroups_file(tmp_path):
+  io.save(tmp_path / "b.cx", {"m": _two_four(np.random.default_rng(0), (64, 32))})
+  data = (tmp_path / "b.cx").read_bytes()
+  enc = dict(_split(data)[1]["tree"]["items"])["m"]["enc"]
+  assert enc["scheme"] == "bitgroups" and enc["group_bits"] == 4, enc
+  return data
+
+
+def test_fuzz_base_holds_a_bitgroups_mask(tmp_path):
+  io.save(tmp_path / "f.cx", _fuzz_base())
+  rec = dict(_split((tmp_path / "f.cx").read_bytes())[1]["tree"]["items"])["nm"]
+  assert rec["enc"]["scheme"] == "bitgroups"
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"group_bits": 3}, "group_bits must be one of (2, 4, 8), got 3"),
+    ({"group_bits": 16}, "group_bits must be one of (2, 4, 8), got 16"),
+    ({"group_bits": 1 << 40}, "group_bits must be one of (2, 4, 8), got 1099511627776"),
+    ({"group_bits": "4"}, "group_bits must be one of (2, 4, 8), got '4'"),
+    ({"group_bits": True}, "group_bits must be one of (2, 4, 8), got True"),
+    ({"group_bits": None}, "group_bits must be one of (2, 4, 8), got None"),
+    ({"group_bits": 8}, "needs 256 symbols of 8 bits, the record says 512 of 4"),
+    ({"count": 511}, "needs 512 symbols of 4 bits, the record says 511 of 4"),
+    ({"count": 1 << 40}, "needs 512 symbols of 4 bits, the record says 1099511627776"),
+    ({"bits": 8}, "needs 512 symbols of 4 bits, the record says 512 of 8"),
+])
+def test_forged_bitgroups_records_are_corrupt(tmp_path, edit, match):
+  """A forged group width or symbol count is refused before decoding."""
+  def forge(tree):
+    dict(tree["items"])["m"]["enc"].update(edit)
+
+  bad = _forge(_bitgroups_file(tmp_path), forge)
+  out, peak = _peak(lambda: _load.loads(bad, "b.cx"))
+  assert isinstance(out, io.CorruptFileError), out
+  assert str(out).startswith("b.cx: m: ValueError: ") and match in str(out), str(out)
+  assert peak < 4 * _MB, peak
+
+
+@pytest.mark.parametrize("n, g, symbols, match", [
+    # 6 positions in groups of 4: bits 2 and 3 of the last symbol are padding.
+    (6, 4, [0b0011, 0b0101], "the last bit group has nonzero padding bits"),
+    (6, 4, [0b0011, 0b1000], "the last bit group has nonzero padding bits"),
+    (5, 2, [0b11, 0b01, 0b10], "the last bit group has nonzero padding bits"),
+    # 8-bit symbols (up to 255) under group_bits=4, the record's bits forged too.
+    (8, 4, [0x21, 0x03], "a bitgroups mask of 8 positions needs 2 symbols of 4 bits, the record says 2 of 8"),
+])
+def test_forged_bitgroups_payloads_are_corrupt(n, g, symbols, match):
+  """Symbols the honest writer never makes: padding bits set, or too wide."""
+  sym = np.array(symbols, np.uint8)
+  bits = g if int(sym.max()) < (1 << g) else 8
+  rec, payload = io.encode_symbols(sym, bits)
+  enc = dict(kind="bool", scheme="bitgroups", group_bits=g,
+             raw=io.packed_nbytes(sym.size, bits), **rec)
+  bad = _build({"t": "dict", "items": [["m", {
+      "t": "array", "shape": [n], "dtype": "bool", "enc": enc,
+      "p": [0, len(payload), 0]}]]}, payload)
+  with pytest.raises(io.CorruptFileError, match="b.cx: m: ValueError: " + match):
+    _load.loads(bad, "b.cx")
+  # The same symbols with the padding cleared and the right width load.
+  if "padding" in match:
+    ok = sym.copy()
+    ok[-1] &= np.uint8((1 << (n - (sym.size - 1) * g)) - 1)
+    rec, payload = io.encode_symbols(ok, g)
+    enc = dict(kind="bool", scheme="bitgroups", group_bits=g, raw=0, **rec)
+    good = _build({"t": "dict", "items": [["m", {
+        "t": "array", "shape": [n], "dtype": "bool", "enc": enc,
+        "p": [0, len(payload), 0]}]]}, payload)
+    want = ((np.repeat(ok, g) >> np.tile(np.arange(g, dtype=np.uint8), ok.size)) & 1)
+    np.testing.assert_array_equal(_load.loads(good, "b.cx")["m"], want[:n].astype(bool))

@@ -18,7 +18,12 @@
   like integer codes) or a bitmap (one bit per position, also offered to the
   entropy coders), whichever payload is smaller *after* entropy coding; the
   relative-index width is chosen the same way (:func:`encode_mask`), and the
-  file writer also offers the transposed scan order of a 2-D+ mask.
+  file writer also offers the transposed scan order of a 2-D+ mask. A third
+  scheme, ``bitgroups``, codes the bitmap ``g`` bits at a time (``g`` in
+  :data:`GROUP_BITS`) as symbols for the entropy coders: an N:M mask scanned
+  with its N:M axis fastest has at most ``C(M, N)`` patterns per group of
+  ``M`` (6 for 2:4, ``log2 6 = 2.58`` bits per 4 weights). It is kept only
+  when strictly smaller than the best of the other two.
 
 The encoding record is JSON-able; ``raw`` in it is the payload's size before
 entropy coding (bit-packed codes, packed relative indices or bitmap), used by
@@ -43,6 +48,8 @@ __all__ = []
 
 # Widest relative-index code tried (entropy coding works up to 16 bits).
 _MAX_INDEX_BITS = 16
+# Bits per symbol of the ``bitgroups`` mask scheme.
+GROUP_BITS = (2, 4, 8)
 # Sparse float coding is tried when at least 1/64 of the elements, and 64
 # bytes of values, are zeros: below that the mask's cost eats the saving.
 _MIN_ZERO_FRACTION = 64
@@ -136,6 +143,35 @@ def _index_widths(idx: np.ndarray) -> range:
   return range(min(2, hi), hi + 1)
 
 
+def bit_groups(flat: np.ndarray, g: int) -> np.ndarray:
+  """A bool bitmap as ``g``-bit symbols: bit ``i`` of symbol ``j`` is position
+  ``j * g + i``; the last group is zero-padded. ``uint8`` (``g <= 8``)."""
+  n = int(flat.size)
+  bits = np.zeros(-(-n // g) * g, np.uint8)
+  bits[:n] = flat
+  weights = (1 << np.arange(g)).astype(np.uint8)
+  return (bits.reshape(-1, g) * weights).sum(axis=1, dtype=np.uint8)
+
+
+def _bitgroups_decode(rec: dict, payload: np.ndarray, count: int) -> np.ndarray:
+  """Inverts the ``bitgroups`` mask scheme, checking the record before use."""
+  g = rec.get("group_bits")
+  if type(g) is not int or g not in GROUP_BITS:  # noqa: E721
+    raise ValueError(f"group_bits must be one of {GROUP_BITS}, got {g!r}")
+  groups = -(-count // g)
+  if rec.get("bits") != g or rec.get("count") != groups:
+    raise ValueError(f"a bitgroups mask of {count} positions needs {groups} "
+                     f"symbols of {g} bits, the record says {rec.get('count')!r} "
+                     f"of {rec.get('bits')!r}")
+  sym = decode_symbols(rec, payload)
+  if sym.size != groups or (sym.size and int(sym.max()) >> g):
+    raise ValueError(f"bitgroups symbols must be {groups} values < 2**{g}")
+  if groups and int(sym[-1]) >> (count - (groups - 1) * g):
+    raise ValueError("the last bit group has nonzero padding bits")
+  shifts = np.arange(g, dtype=np.uint8)
+  return ((sym[:, None] >> shifts) & 1).astype(bool).reshape(-1)[:count]
+
+
 def encode_mask(candidates) -> tuple[int, dict, bytes]:
   """Codes a bool mask given in one or more scan orders; the smallest wins.
 
@@ -145,7 +181,10 @@ def encode_mask(candidates) -> tuple[int, dict, bytes]:
   Huffman). The two smallest estimates are then coded for real, together with
   the choice of the raw-size rule in the first order (:func:`best_index_bits`
   and the bitmap), and the smallest payload is kept: never larger than the raw
-  rule's.
+  rule's. The bitmap in groups of ``g`` bits (``bitgroups``, every ``g`` in
+  :data:`GROUP_BITS` and every order) is sized the same way, and its smallest
+  estimate is coded last: it is kept only if strictly smaller than all the
+  others, so a mask it does not help is stored as before.
 
   Args:
     candidates: the same mask flattened in different scan orders (1-D bool
@@ -157,14 +196,18 @@ def encode_mask(candidates) -> tuple[int, dict, bytes]:
   References:
     Han, Mao, Dally. Deep Compression. ICLR 2016, Sec. 3.
     https://arxiv.org/abs/1510.00149
+    Mishra et al. Accelerating Sparse Deep Neural Networks (2:4 sparsity).
+    https://arxiv.org/abs/2104.08378
   """
   kept = [np.flatnonzero(flat) for flat in candidates]
 
   def symbols(k, b):
+    if b < 0:
+      return bit_groups(candidates[k], -b), -b
     return (candidates[k].astype(np.uint8), 1) if b == 0 else \
         (relative_index_encode(kept[k], b), b)
 
-  # (estimated bytes, candidate, width; 0 = bitmap)
+  # (estimated bytes, candidate, width; 0 = bitmap, -g = bitgroups of g bits)
   # A bitmap's symbol counts, hence its size, do not depend on the order.
   options = [(estimate_nbytes(*symbols(0, 0)), 0, 0)]
   for k, idx in enumerate(kept):
@@ -174,13 +217,21 @@ def encode_mask(candidates) -> tuple[int, dict, bytes]:
   for must in ((0, best_index_bits(kept[0], _MAX_INDEX_BITS)[0]), (0, 0)):
     if must not in tries:
       tries.append(must)
+  if candidates[0].size >= 2 and GROUP_BITS:
+    tries.append(min((estimate_nbytes(*symbols(k, -g)), k, -g)
+                     for k in range(len(candidates)) for g in GROUP_BITS)[1:])
 
   def encoded(k, b):
     sym, width = symbols(k, b)
     rec, payload = encode_symbols(sym, width)
     n = candidates[k].size
-    meta = dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1)) if b == 0 \
-        else dict(kind="bool", scheme="relidx", index_bits=b,
+    if b < 0:
+      meta = dict(kind="bool", scheme="bitgroups", group_bits=-b,
+                  raw=packed_nbytes(sym.size, -b))
+    elif b == 0:
+      meta = dict(kind="bool", scheme="bitmap", raw=packed_nbytes(n, 1))
+    else:
+      meta = dict(kind="bool", scheme="relidx", index_bits=b,
                   raw=packed_nbytes(sym.size, b))
     return k, dict(**meta, **rec), payload
 
@@ -208,6 +259,8 @@ def decode_flat(rec: dict, payload, dtype, count: int, siblings=None) -> np.ndar
     return payload.view(_uint(dtype.itemsize)).astype(
         np.dtype(f"u{dtype.itemsize}")).view(dtype)
   if kind == "bool":
+    if rec["scheme"] == "bitgroups":
+      return _bitgroups_decode(rec, payload, count)
     if rec["scheme"] == "bitmap" and int(rec["count"]) != count:
       raise ValueError("bitmap size does not match the shape")
     symbols = decode_symbols(rec, payload)
@@ -247,7 +300,8 @@ def _decode_zeros(rec: dict, payload: np.ndarray, dtype: np.dtype,
     raise ValueError(f"{nnz!r} nonzeros of {dtype} and a mask of {mb!r} bytes "
                      f"do not fill a payload of {payload.size} bytes")
   mrec = rec["mask"]
-  if not isinstance(mrec, dict) or mrec.get("scheme") not in ("bitmap", "relidx"):
+  if not isinstance(mrec, dict) or mrec.get("scheme") not in ("bitmap", "relidx",
+                                                             "bitgroups"):
     raise ValueError("bad mask record for the nonzeros")
   if mrec["scheme"] == "relidx" and int(mrec["count"]) > count + nnz:
     # Kept entries plus fillers (one per 2^b - 1 pruned positions) fit easily.

@@ -308,8 +308,9 @@ def save(path, tree) -> int:
 
   Dense float arrays are stored raw (little-endian), integer arrays as codes
   at their minimal bit width through the best of bit packing / Huffman / ANS,
-  bool arrays as relative indices or a bitmap (index width and scan order
-  chosen by entropy-coded size), and compressed nodes as their classes
+  bool arrays as relative indices, a bitmap or a bitmap in g-bit groups
+  (scheme, index width, group width and scan order chosen by entropy-coded
+  size; see ``_codec``), and compressed nodes as their classes
   declare, under a zlib-compressed JSON manifest (see the module docstring).
   Float arrays whose exact zeros make them smaller are stored sparse. The
   file is written to a temp file of its own in the same folder, synced to
