@@ -254,7 +254,9 @@ def huffman_decode(stream, lengths, block_bits, count: int,
   last_n = count - (nblocks - 1) * BLOCK
   end_last = None
   shift_down = np.uint32(32 - top)
-  for j in range(BLOCK):
+  # A lone block needs only its symbols' steps: a small array is not charged a
+  # full block's loop (2048 NumPy steps), which dominated loading tiny masks.
+  for j in range(BLOCK if nblocks > 1 else last_n):
     w = word[(pos >> np.uint64(3)).astype(np.intp)]
     win = (w << (pos & np.uint64(7)).astype(np.uint32)) >> shift_down
     out[:, j] = table_sym[win]
