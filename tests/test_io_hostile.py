@@ -429,6 +429,8 @@ def test_fuzz_base_holds_a_bitgroups_mask(tmp_path):
     ({"count": 511}, "needs 512 symbols of 4 bits, the record says 511 of 4"),
     ({"count": 1 << 40}, "needs 512 symbols of 4 bits, the record says 1099511627776"),
     ({"bits": 8}, "needs 512 symbols of 4 bits, the record says 512 of 8"),
+    ({"count": 512.0}, "needs 512 symbols of 4 bits, the record says 512.0 of 4"),
+    ({"bits": True}, "needs 512 symbols of 4 bits, the record says 512 of True"),
 ])
 def test_forged_bitgroups_records_are_corrupt(tmp_path, edit, match):
   """A forged group width or symbol count is refused before decoding."""

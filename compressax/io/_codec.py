@@ -159,10 +159,10 @@ def _bitgroups_decode(rec: dict, payload: np.ndarray, count: int) -> np.ndarray:
   if type(g) is not int or g not in GROUP_BITS:  # noqa: E721
     raise ValueError(f"group_bits must be one of {GROUP_BITS}, got {g!r}")
   groups = -(-count // g)
-  if rec.get("bits") != g or rec.get("count") != groups:
+  bits, n = rec.get("bits"), rec.get("count")
+  if type(bits) is not int or type(n) is not int or bits != g or n != groups:  # noqa: E721
     raise ValueError(f"a bitgroups mask of {count} positions needs {groups} "
-                     f"symbols of {g} bits, the record says {rec.get('count')!r} "
-                     f"of {rec.get('bits')!r}")
+                     f"symbols of {g} bits, the record says {n!r} of {bits!r}")
   sym = decode_symbols(rec, payload)
   if sym.size != groups or (sym.size and int(sym.max()) >> g):
     raise ValueError(f"bitgroups symbols must be {groups} values < 2**{g}")
