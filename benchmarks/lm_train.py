@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import compressax as cx  # noqa: E402
 from benchmarks._timing import _ratio, _timeit  # noqa: E402
@@ -59,16 +58,12 @@ def steps(config: lm.LMConfig, batch: int) -> dict:
   fns = {}
   for name, (p0, tx, loss_fn) in variants.items():
     def make(p0=p0, tx=tx, loss_fn=loss_fn):
-      @jax.jit
-      def step(p, s, i):
-        k = jax.random.fold_in(key, i)
-        g = jax.grad(loss_fn)(p, x, k)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, i + 1
-      state = [p0, tx.init(p0), np.int32(0)]
+      step = lm.jit_step(tx, loss_fn)
+      state = [p0, tx.init(p0)]
+      keys = iter(jax.random.split(key, 100_000))
 
       def run():
-        state[:] = step(*state)
+        state[:] = step(*state, x, next(keys))[:2]
         return state[0]
       return run
     fns[name] = make()

@@ -49,7 +49,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import compressax as cx
 from experiments import lm as lm_lib
@@ -137,14 +136,7 @@ def distill(model, teacher, start, batches, args, plan: cx.Plan):
   train = plan.init(oneshot_lib.to_tree(start))
   tx = plan.optimizer(lm_lib.cosine_adamw(args.lr, args.steps, max(args.steps // 10, 1),
                                           weight_decay=0.01))
-  loss_fn = distill_loss(model, teacher, plan, args.emb_weight)
-
-  @jax.jit
-  def step(t, s, tokens, mask):
-    loss, g = jax.value_and_grad(loss_fn)(t, tokens, mask)
-    u, s = tx.update(g, s, t)
-    return optax.apply_updates(t, u), s, loss
-
+  step = lm_lib.jit_step(tx, distill_loss(model, teacher, plan, args.emb_weight))
   state = tx.init(train)
   rng = np.random.default_rng(args.seed)
   losses = []

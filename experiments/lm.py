@@ -248,6 +248,16 @@ def cosine_adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.1):
 LMLossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 
+def jit_step(tx: optax.GradientTransformation, loss_fn: Callable[..., jax.Array]):
+  """``step(params, opt_state, *batch) -> (params, opt_state, loss)``, jitted."""
+  @jax.jit
+  def step(p, s, *batch):
+    loss, g = jax.value_and_grad(loss_fn)(p, *batch)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+  return step
+
+
 def train(model, params: PyTree, tx: optax.GradientTransformation,
           ids: np.ndarray, *, steps: int, batch: int, seed: int,
           loss_fn: LMLossFn | None = None, val: np.ndarray | None = None,
@@ -274,13 +284,7 @@ def train(model, params: PyTree, tx: optax.GradientTransformation,
   """
   if loss_fn is None:
     loss_fn = lambda p, x, key: token_nll(model, p, x, train=True, key=key)
-
-  @jax.jit
-  def step(p, s, x, key):
-    loss, g = jax.value_and_grad(loss_fn)(p, x, key)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
+  step = jit_step(tx, loss_fn)
   state = tx.init(params)
   rng = np.random.default_rng(seed)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1A)
