@@ -162,6 +162,8 @@ def plot(path: str, runs: list[dict], title: str) -> None:
   ax.axvline(38, color="gray", ls="-.", lw=0.8)
   ax.set_xscale("log")
   ax.set_yscale("symlog", linthresh=1)
+  # Below 0 only if a run is better than float.
+  ax.set_ylim(bottom=min([0.0] + [100 * r["rel_increase"] for r in runs]))
   ax.set_xlabel("embedding table: float32 bytes / bytes in the file")
   ax.set_ylabel("validation loss increase over float (%)")
   ax.set_title(title)
