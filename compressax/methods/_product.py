@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ def _hold_codes(aux):
   """``aux`` with zero updates at every ``"codes"`` entry (nested too)."""
   def zero(kp, u):
     last = kp[-1] if kp else None
-    if isinstance(last, jax.tree_util.DictKey) and last.key == "codes":
+    if isinstance(last, jax.tree_util.DictKey) and getattr(last, "key", None) == "codes":
       return jnp.zeros_like(u)
     return u
   return jax.tree_util.tree_map_with_path(zero, aux)
@@ -90,6 +91,7 @@ class ProductQuantize(Method):
 
     def update(updates, state, params=None, **extra):
       new, state = inner.update(updates, state, params, **extra)
+      new = cast(dict, new)  # the Plan's {"params": ..., "aux": ...} tree
       flags = treedef.flatten_up_to(sel)
       aux = [_hold_codes(a) if s else a
              for a, s in zip(treedef.flatten_up_to(new["aux"]), flags)]
