@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--b-max", type=float, default=15.0, help="most bits a group can learn")
   p.add_argument("--save-lambda", type=float, default=None,
                  help="lambda whose DiffQ model is DIR/model.cx (default: the largest)")
+  lm_lib.add_model_seed_arg(p)
   p.add_argument("--seed", type=int, default=0,
-                 help="float model's initialization and every run's windows and noise")
+                 help="every run's windows and noise; the float model's too unless --model-seed")
   p.add_argument("--out", default=None, help="output directory (default: runs/diffq_lm-...)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -241,7 +242,8 @@ def main(argv=None) -> dict:
       "group_size": args.group_size, "logit_lr": args.logit_lr,
       "init_bits": args.init_bits, "finetune_steps": args.finetune_steps,
       "finetune_lr": args.finetune_lr, "runs": runs, "plot": plot,
-      "seed": args.seed, "command": train_lib.command_line(MODULE, args.argv),
+      "seed": args.seed, "model_seed": lm_lib.model_seed(args),
+      "command": train_lib.command_line(MODULE, args.argv),
       "wall_time_s": time.time() - start, "jax_backend": jax.default_backend()}
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

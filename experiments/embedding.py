@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--diffq-lambda", type=float, default=0.3,
                  help="DiffQ: size penalty per MB of the table")
   p.add_argument("--pq-iters", type=int, default=25, help="Lloyd iterations of the PQ init")
+  lm_lib.add_model_seed_arg(p)
   p.add_argument("--seed", type=int, default=0,
-                 help="float model's initialization and every run's windows and keys")
+                 help="every run's windows and keys; the float model's too unless --model-seed")
   p.add_argument("--out", default=None, help="output directory (default: runs/embedding-...)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -225,6 +226,7 @@ def main(argv=None) -> dict:
       "float_file_bytes": float_run["file_bytes"], "float_cache": info["cache"],
       "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
       "diffq_lambda": args.diffq_lambda, "runs": runs, "plot": png, "seed": args.seed,
+      "model_seed": lm_lib.model_seed(args),
       "command": train_lib.command_line(MODULE, args.argv),
       "wall_time_s": time.time() - start, "jax_backend": jax.default_backend()}
   with open(os.path.join(args.out, "results.json"), "w") as f:

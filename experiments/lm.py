@@ -346,11 +346,23 @@ def setup(args) -> tuple[WordLM, Corpus, LMConfig]:
   return WordLM(config), corpus, config
 
 
+def add_model_seed_arg(p: argparse.ArgumentParser) -> None:
+  """``--model-seed``, for experiments that fine-tune the cached float model."""
+  p.add_argument("--model-seed", type=int, default=None,
+                 help="seed of the float model (default: --seed); fix it to vary only "
+                      "the fine-tuning")
+
+
+def model_seed(args) -> int:
+  """The float model's seed: ``--model-seed`` where given, else ``--seed``."""
+  seed = getattr(args, "model_seed", None)
+  return args.seed if seed is None else seed
+
+
 def _cache_key(args, config: LMConfig) -> str:
+  train = {k: getattr(args, k) for k in ("steps", "batch", "lr", "warmup", "weight_decay")}
   spec = {"data": file_sha256(args.data), "level": args.level,
-          "config": dataclasses.asdict(config),
-          "train": {k: getattr(args, k) for k in
-                    ("steps", "batch", "lr", "warmup", "weight_decay", "seed")}}
+          "config": dataclasses.asdict(config), "train": {**train, "seed": model_seed(args)}}
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -368,10 +380,11 @@ def pretrained(args, model: WordLM, corpus: Corpus) -> tuple[PyTree, dict]:
       info = json.load(f)
     return cx.load(stem + ".cx"), info
   start = time.time()
-  params = init(model.config, args.seed)
+  seed = model_seed(args)
+  params = init(model.config, seed)
   tx = cosine_adamw(args.lr, args.steps, args.warmup, args.weight_decay)
   params, hist = train(model, params, tx, corpus.train, steps=args.steps,
-                       batch=args.batch, seed=args.seed, val=corpus.val,
+                       batch=args.batch, seed=seed, val=corpus.val,
                        eval_every=max(args.steps // 10, 1), quiet=args.quiet,
                        desc="float LM")
   info = {"val_loss": evaluate(model, params, corpus.val), "history": hist,

@@ -140,3 +140,30 @@ def test_main_trains_once_then_loads_the_cache(tmp_path):
   # Another seed is another model.
   lm.main(flags + ["--seed", "1", "--out", str(tmp_path / "c")])
   assert len(list((tmp_path / "cache").glob("*.cx"))) == 2
+
+
+def test_model_seed_fixes_the_float_model_and_frees_the_fine_tuning(tmp_path):
+  import argparse
+  data = tmp_path / "t.txt"
+  data.write_text("to be or not to be, that is the question:\n" * 50)
+  p = argparse.ArgumentParser()
+  lm.add_lm_args(p)
+  lm.add_model_seed_arg(p)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quiet", action="store_true")
+  base = ["--data", str(data), "--vocab", "20", "--width", "16", "--layers", "1",
+          "--heads", "2", "--ffn", "32", "--context", "8", "--steps", "3",
+          "--batch", "2", "--cache", str(tmp_path / "cache"), "--quiet"]
+  seed0 = p.parse_args(base)
+  _, corpus, config = lm.setup(seed0)
+  key = lm._cache_key(seed0, config)
+  fixed = p.parse_args(base + ["--seed", "2", "--model-seed", "0"])
+  free = p.parse_args(base + ["--seed", "2"])
+  assert (lm.model_seed(fixed), lm.model_seed(free)) == (0, 2)
+  assert lm._cache_key(fixed, config) == key
+  assert lm._cache_key(free, config) != key
+  model = lm.WordLM(config)
+  a, _ = lm.pretrained(seed0, model, corpus)
+  b, _ = lm.pretrained(fixed, model, corpus)  # the same cached model
+  assert len(list((tmp_path / "cache").glob("*.cx"))) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
