@@ -372,3 +372,99 @@ def test_quantize_rejects_traced_bits():
 def test_empty_array_passes_through_uniform():
   e = jnp.ones((0, 3))
   assert uniform(e, 4).shape == (0, 3)
+
+
+# ------------------------------------------------- float16 / bfloat16 scales
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+@hypothesis.given(case=cases(max_bits=8))
+def test_narrow_scales_are_stored_and_codes_are_nearest_to_them(scale_dtype, case):
+  x, bits, kw = case
+  node = cx.quantize.quantize(jnp.asarray(x), bits, scale_dtype=scale_dtype, **kw)
+  assert node.scale.dtype == jnp.dtype(scale_dtype)
+  assert node.offset.dtype == jnp.dtype(scale_dtype)
+  dense = node.materialize()
+  # Fake quantization, its straight-through twin and jit agree with the node.
+  np.testing.assert_array_equal(
+      dense, uniform(jnp.asarray(x), bits, scale_dtype=scale_dtype, **kw))
+  np.testing.assert_array_equal(
+      dense, cx.quantize.uniform_ste(jnp.asarray(x), bits, scale_dtype=scale_dtype, **kw))
+  np.testing.assert_array_equal(dense, jax.jit(functools.partial(
+      uniform, bits=bits, scale_dtype=scale_dtype, **kw))(jnp.asarray(x)))
+  # Float64 reference from the stored (rounded) scales: the codes are the
+  # nearest grid points to x, clipped into range, and dequantize exactly.
+  groups = ref_groups(x.shape, kw["axis"], kw["bucket_size"])
+  scale = np.asarray(node.scale, np.float64)
+  offset = (np.zeros(len(groups)) if kw["symmetric"]
+            else np.asarray(node.offset, np.float64))
+  zero = 2 ** (bits - 1) - 1 if kw["symmetric"] else 0
+  top = 2 * zero if kw["symmetric"] else 2 ** bits - 1
+  flat = np.asarray(x, np.float64).ravel()
+  codes = np.asarray(node.codes).ravel().astype(np.int64)
+  want = np.empty_like(flat)
+  for i, g in enumerate(groups):
+    y = (flat[g] - offset[i]) / scale[i]
+    c = np.clip(np.round(y) + zero, 0, top)
+    tie = np.abs(np.abs(y - np.floor(y)) - 0.5) < 1e-3 + 1e-5 * np.abs(y)
+    assert np.all((codes[g] == c) | tie)
+    want[g] = (codes[g] - zero) * scale[i] + offset[i]
+  np.testing.assert_allclose(np.asarray(dense, np.float64).ravel(), want,
+                             rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  floats = len(groups) * (1 if kw["symmetric"] else 2)
+  assert node.storage_bits() == x.size * bits + 16 * floats
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_narrow_scales_round_trip_the_file_and_shrink_it(scale_dtype, tmp_path):
+  x = jax.random.normal(jax.random.PRNGKey(0), (256, 64))
+  wide = cx.quantize.quantize(x, 4, axis=-1)
+  narrow = cx.quantize.quantize(x, 4, axis=-1, scale_dtype=scale_dtype)
+  cx.save(tmp_path / "wide.cx", {"w": wide})
+  cx.save(tmp_path / "narrow.cx", {"w": narrow})
+  back = cx.load(tmp_path / "narrow.cx", keep_compressed=True)["w"]
+  assert back.scale.dtype == jnp.dtype(scale_dtype)
+  np.testing.assert_array_equal(back.materialize(), narrow.materialize())
+  # 64 scales and 64 offsets, 2 bytes each instead of 4.
+  saved = (tmp_path / "wide.cx").stat().st_size - (tmp_path / "narrow.cx").stat().st_size
+  assert saved >= 2 * 128 - 16
+  # The rounded grid costs little accuracy: within 1% of the step.
+  step = float(jnp.max(wide.scale))
+  assert float(jnp.max(jnp.abs(narrow.materialize() - x))) <= 0.51 * step
+
+
+def test_narrow_scales_edge_cases():
+  x = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+  # float32 scales of a float32 array are the default, bit for bit.
+  np.testing.assert_array_equal(uniform(x, 4, scale_dtype="float32"), uniform(x, 4))
+  # Tiny groups keep a positive, finite float16 scale: no 0/0.
+  tiny = cx.quantize.quantize(x * 1e-9, 8, axis=0, scale_dtype="float16")
+  assert np.all(np.asarray(tiny.scale, np.float32) > 0)
+  assert np.all(np.isfinite(tiny.materialize()))
+  # Under jit a value beyond float16 is clamped, never inf or NaN.
+  big = jax.jit(lambda v: uniform(v, 4, scale_dtype="float16"))(x * 1e6)
+  assert np.all(np.isfinite(big))
+  # A Method composes it: N:M then float16-scaled codes, view == file.
+  plan = cx.Plan([("w", cx.methods.NM(2, 4) >> cx.methods.Uniform(
+      4, symmetric=True, axis=-1, scale_dtype="float16"))])
+  train = plan.init({"w": x})
+  out = plan.finalize(train)
+  assert out["w"].value.scale.dtype == jnp.float16
+  np.testing.assert_array_equal(cx.materialize(out)["w"], plan.view(train)["w"])
+
+
+@pytest.mark.parametrize("scale_dtype,exc,msg", [
+    ("int8", TypeError, "scale_dtype must be None or one of"),
+    ("float64", TypeError, "scale_dtype must be None or one of"),
+    (3, TypeError, "scale_dtype must be None or one of"),
+])
+def test_bad_scale_dtype_names_the_path(scale_dtype, exc, msg):
+  with pytest.raises(exc, match=f"layer/kernel: {msg}"):
+    cx.quantize.quantize(jnp.ones((4, 4)), 4, scale_dtype=scale_dtype,
+                         path="layer/kernel")
+
+
+def test_values_beyond_float16_scales_are_a_value_error():
+  x = jnp.ones((4, 4)).at[1, 2].set(1e6)
+  with pytest.raises(ValueError, match=r"layer/kernel: \|x\| reaches .* float16"):
+    cx.quantize.quantize(x, 4, scale_dtype="float16", path="layer/kernel")
+  assert cx.quantize.quantize(x, 4, scale_dtype="bfloat16").scale.dtype == jnp.bfloat16

@@ -55,6 +55,8 @@ class Uniform(Method):
     symmetric: a grid symmetric around 0 (zero is exactly representable,
       which keeps pruned weights at zero in ``NM(2, 4) >> Uniform(4, ...)``).
     axis: per-channel scales along these axes, or ``None``.
+    scale_dtype: ``None`` (float32 scales) or ``"float16"``/``"bfloat16"``:
+      scales rounded to and stored in that dtype, as GPTQ checkpoints do.
 
   References:
     Polino, Pascanu, Alistarh, ICLR 2018. https://arxiv.org/abs/1802.05668
@@ -63,13 +65,14 @@ class Uniform(Method):
   bucket_size: int | None = None
   symmetric: bool = False
   axis: Any = None
+  scale_dtype: Any = None
 
   def __post_init__(self):
     _check_bits("Uniform", self.bits, 2 if self.symmetric else 1)
 
   def _kw(self) -> dict[str, Any]:
     return dict(bucket_size=self.bucket_size, symmetric=self.symmetric,
-                axis=self.axis)
+                axis=self.axis, scale_dtype=self.scale_dtype)
 
   def view(self, w, aux, key):
     return _quantize.uniform_ste(w, self.bits, **self._kw())

@@ -18,6 +18,12 @@ Fake quantization, its straight-through twin and the stored
    stored as ``c + zero point``, clipped to ``[0, 2 zero point or L]``.
 4. *Dequantization.* ``(c - zero point) * scale + offset``.
 
+With ``scale_dtype`` (float16 or bfloat16, as GPTQ checkpoints store them)
+the scales and offsets are rounded to that dtype in step 2 (clamped into its
+finite range; a scale to at least its smallest subnormal), the codes are computed against the rounded values, and
+the node stores them in that dtype: half the bytes per group, and
+fake quantization still equals the stored node bit for bit.
+
 Arithmetic runs in float32 (float64 for float64 inputs) and the result is cast
 back to ``x.dtype``.
 
@@ -94,6 +100,30 @@ def as_array(path, x, fn: str):
                      f"cx.quantize.apply(params, functools.partial("
                      f"cx.quantize.{fn}, bits=...)) or cx.map_selected",
                TypeError)
+
+
+_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _scale_dtype(path, scale_dtype, x) -> str | None:
+  """``scale_dtype`` as a name (``None``: the compute dtype); checks ``x`` fits."""
+  if scale_dtype is None:
+    return None
+  try:
+    name = jnp.dtype(scale_dtype).name
+  except TypeError:
+    name = None
+  if name not in _SCALE_DTYPES:
+    _checks.fail(path, f"scale_dtype must be None or one of {_SCALE_DTYPES}, got "
+                       f"{scale_dtype!r}", TypeError)
+  if name == "float32" and jnp.dtype(_compute_dtype(x.dtype)).name == "float32":
+    return None  # the compute dtype already
+  big = float(jnp.finfo(name).max)
+  with jax.ensure_compile_time_eval():
+    if _checks.is_concrete(x) and x.size and float(jnp.max(jnp.abs(x))) > big:
+      _checks.fail(path, f"|x| reaches {float(jnp.max(jnp.abs(x))):.4g}, beyond "
+                         f"the {name} scales' range ({big:.4g})")
+  return name
 
 
 def _validate(path, x, bits, symmetric, axis, bucket_size, stochastic, key,
@@ -238,16 +268,29 @@ def _scales(g, b, symmetric, layout):
   return half * (2 / levels), (levels * 0.5) / half, lo, zero, levels
 
 
+def _round_scales(scale, offset, scale_dtype):
+  """Scales and offsets rounded to ``scale_dtype`` (clamped into its finite
+  range, a scale to at least its smallest subnormal so it is never 0 or inf),
+  back in the compute dtype."""
+  info = jnp.finfo(scale_dtype)
+  big, tiny = float(info.max), float(info.smallest_subnormal)
+  scale = jnp.clip(scale, tiny, big).astype(scale_dtype).astype(scale.dtype)
+  offset = jnp.clip(offset, -big, big).astype(scale_dtype).astype(offset.dtype)
+  return scale, 1 / scale, offset
+
+
 def _dequant(codes, scale, offset, zero):
   return (codes - zero) * scale + offset
 
 
-def _encode(x, bits, symmetric, layout, stochastic, key):
+def _encode(x, bits, symmetric, layout, stochastic, key, scale_dtype=None):
   """Float-valued codes (viewed) and the scales (of ``layout.scale_shape``)."""
   cdt = _compute_dtype(x.dtype)
   g = layout.view(x.astype(cdt))
   scale, inv, offset, zero, top = _scales(g, _bits_int(bits, symmetric),
                                           symmetric, layout)
+  if scale_dtype is not None:
+    scale, inv, offset = _round_scales(scale, offset, scale_dtype)
   # Round before adding the zero point so that ties break symmetrically.
   # Halved like the range, so that x - min cannot overflow either.
   y = (g * 0.5 - offset * 0.5) * (inv * 2)
@@ -263,16 +306,20 @@ def _encode(x, bits, symmetric, layout, stochastic, key):
 # Every entry point runs compiled: XLA contracts `c * scale + offset` into a
 # fused multiply-add, so op-by-op (eager) execution would differ in the last
 # bit from the same code under a user's jit.
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _fake(x, bits, key, symmetric, layout, stochastic):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _fake(x, bits, key, symmetric, layout, stochastic, scale_dtype=None):
   codes, scale, offset, zero = _encode(x, bits, symmetric, layout, stochastic,
-                                       key)
+                                       key, scale_dtype)
   return layout.unview(_dequant(codes, scale, offset, zero), x).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _quantize_jit(x, bits, key, symmetric, layout, stochastic, code_dtype):
-  codes, scale, offset, _ = _encode(x, bits, symmetric, layout, stochastic, key)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _quantize_jit(x, bits, key, symmetric, layout, stochastic, code_dtype,
+                  scale_dtype=None):
+  codes, scale, offset, _ = _encode(x, bits, symmetric, layout, stochastic, key,
+                                    scale_dtype)
+  if scale_dtype is not None:  # exact: they were rounded to it
+    scale, offset = scale.astype(scale_dtype), offset.astype(scale_dtype)
   # A symmetric grid's offset is identically zero: store none.
   offset = offset[:0] if symmetric else offset
   # Codes in x's sharding; the (small) scales and offsets replicated.
@@ -283,8 +330,11 @@ def _quantize_jit(x, bits, key, symmetric, layout, stochastic, code_dtype):
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _materialize_jit(codes, scale, offset, bits, symmetric, layout, dtype):
-  zero = _zero_point(_bits_int(bits, symmetric), symmetric, scale.dtype)
-  g = layout.view(codes.astype(scale.dtype))
+  # Narrow (float16/bfloat16) scales widen exactly to the compute dtype.
+  cdt = _compute_dtype(scale.dtype)
+  scale, offset = scale.astype(cdt), offset.astype(cdt)
+  zero = _zero_point(_bits_int(bits, symmetric), symmetric, cdt)
+  g = layout.view(codes.astype(cdt))
   scale = scale.reshape(layout.scale_shape)
   offset = (jnp.zeros_like(scale) if symmetric
             else offset.reshape(layout.scale_shape))
@@ -293,7 +343,7 @@ def _materialize_jit(codes, scale, offset, bits, symmetric, layout, dtype):
 
 def uniform(x, bits, *, symmetric: bool = False, axis=None,
             bucket_size: int | None = None, stochastic: bool = False, key=None,
-            path: Any = "x") -> jax.Array:
+            scale_dtype=None, path: Any = "x") -> jax.Array:
   """Fake-quantize ``x`` on a uniform grid (quantize, then dequantize).
 
   Args:
@@ -315,6 +365,10 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
     stochastic: round down or up with probability equal to the remainder
       (unbiased) instead of to the nearest level (round half to even).
     key: a PRNG key, required when ``stochastic``.
+    scale_dtype: ``None`` (scales in the compute dtype, float32), or
+      ``"float16"``/``"bfloat16"``: scales and offsets rounded to that dtype
+      before the codes are chosen, and stored in it by :func:`quantize`
+      (2 bytes per group instead of 4).
     path: the name used in error messages (the tree form passes the leaf's
       path).
 
@@ -326,8 +380,8 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
       goes through :func:`~compressax.quantize.apply`), or
       ``axis``/``bucket_size`` has the wrong type.
     ValueError: concrete ``bits`` out of range or not an integer, bad
-      ``axis`` or ``bucket_size``, NaN/Inf in a concrete ``x``, or
-      ``stochastic`` without ``key``.
+      ``axis`` or ``bucket_size``, NaN/Inf in a concrete ``x`` (or values
+      beyond ``scale_dtype``'s range), or ``stochastic`` without ``key``.
 
   Example:
     >>> w = jnp.linspace(-1.0, 1.0, 512).reshape(32, 16)
@@ -340,11 +394,12 @@ def uniform(x, bits, *, symmetric: bool = False, axis=None,
   """
   x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
                       key)
+  sd = _scale_dtype(path, scale_dtype, x)
   if x.size == 0:
     return x
   layout = _Layout(tuple(x.shape), axes, bucket_size)
   return _sharding.like(_fake(x, jnp.asarray(bits), key if stochastic else None,
-                              bool(symmetric), layout, bool(stochastic)), x)
+                              bool(symmetric), layout, bool(stochastic), sd), x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -366,7 +421,7 @@ _ste_core.defvjp(_ste_fwd, _ste_bwd)
 
 def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
                 bucket_size: int | None = None, stochastic: bool = False,
-                key=None, path: Any = "x") -> jax.Array:
+                key=None, scale_dtype=None, path: Any = "x") -> jax.Array:
   """:func:`uniform` with a straight-through gradient, for quantization-aware training.
 
   The forward value is exactly ``uniform(x, bits, ...)``; the backward pass
@@ -382,10 +437,11 @@ def uniform_ste(x, bits, *, symmetric: bool = False, axis=None,
   """
   x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
                       key, "uniform_ste")
+  sd = _scale_dtype(path, scale_dtype, x)
   if x.size == 0:
     return x
   config = (bool(symmetric), _Layout(tuple(x.shape), axes, bucket_size),
-            bool(stochastic))
+            bool(stochastic), sd)
   return _sharding.like(
       _ste_core(x, jnp.asarray(bits), key if stochastic else None, config), x)
 
@@ -396,8 +452,8 @@ class QuantizedArray(_node.CompressedLeaf):
   """Uniformly quantized array: integer codes plus per-group scale and offset.
 
   ``codes`` has the dense array's shape (uint8 for ``bits <= 8``, uint16
-  above); ``scale`` and ``offset`` are float32 (float64 for float64 arrays)
-  of shape ``(groups,)`` in group order (channels in ``axis`` order, then
+  above); ``scale`` and ``offset`` are float32 (float64 for float64 arrays,
+  or the ``scale_dtype`` they were quantized with) of shape ``(groups,)`` in group order (channels in ``axis`` order, then
   buckets); a symmetric grid's ``offset`` is empty (it is zero). A value
   dequantizes to ``(code - zero) * scale + offset`` with
   ``zero = 2^(bits-1) - 1`` when ``symmetric`` and ``0`` otherwise.
@@ -448,25 +504,26 @@ class QuantizedArray(_node.CompressedLeaf):
     for name, want in (("scale", n), ("offset", 0 if self.symmetric else n)):
       v = np.asarray(getattr(self, name))
       if v.ndim != 1 or (want is not None and v.shape[0] != want) or \
-          not np.issubdtype(v.dtype, np.floating):
+          not jnp.issubdtype(v.dtype, jnp.floating):
         raise ValueError(f"{name} must be floats of shape ({want},), got "
                          f"{v.dtype}{list(v.shape)}")
 
   def storage_bits(self) -> int:
-    """``codes.size * bits + 32 * (scale.size + offset.size)``.
+    """``codes.size * bits`` plus the scales' and offsets' own bits.
 
-    Affine groups store a scale and an offset (two float32s), symmetric groups
-    only the scale. Padding of the last bucket is not stored. For affine
-    buckets of ``k`` values this is Polino's ratio ``k*32 / (k*bits + 2*32)``
-    against float32.
+    Affine groups store a scale and an offset (two float32s, or two float16s
+    with ``scale_dtype``), symmetric groups only the scale. Padding of the last
+    bucket is not stored. For affine float32 buckets of ``k`` values this is
+    Polino's ratio ``k*32 / (k*bits + 2*32)`` against float32.
     """
-    floats = int(np.size(self.scale)) + int(np.size(self.offset))
-    return int(np.size(self.codes)) * int(self.bits) + 32 * floats
+    floats = sum(8 * np.dtype(getattr(self, f).dtype).itemsize * int(np.size(getattr(self, f)))
+                 for f in ("scale", "offset"))
+    return int(np.size(self.codes)) * int(self.bits) + floats
 
 
 def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
              bucket_size: int | None = None, stochastic: bool = False,
-             key=None, path: Any = "x") -> QuantizedArray:
+             key=None, scale_dtype=None, path: Any = "x") -> QuantizedArray:
   """Quantize ``x`` into a :class:`QuantizedArray` (integer codes + scales).
 
   Same options as :func:`uniform`; ``node.materialize()`` equals
@@ -486,6 +543,7 @@ def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
                  TypeError)
   x, axes = _validate(path, x, bits, symmetric, axis, bucket_size, stochastic,
                       key, "quantize")
+  sd = _scale_dtype(path, scale_dtype, x)
   if x.size == 0:
     _checks.fail(path, "cannot quantize an empty array")
   bits = int(bits)
@@ -493,7 +551,7 @@ def quantize(x, bits: int, *, symmetric: bool = False, axis=None,
   dtype = np.dtype(np.uint8 if bits <= 8 else np.uint16)
   codes, scale, offset = _quantize_jit(
       x, jnp.asarray(bits), key if stochastic else None, bool(symmetric),
-      layout, bool(stochastic), dtype)
+      layout, bool(stochastic), dtype, sd)
   return QuantizedArray(
       codes=_sharding.like(codes, x), scale=_sharding.replicate_like(scale, x),
       offset=_sharding.replicate_like(offset, x), bits=bits, shape=tuple(x.shape),
