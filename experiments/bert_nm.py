@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=train_lib.HelpFormatter)
   p.add_argument("--n-m", default="2:4", help="keep N of every M along the input axis")
   p.add_argument("--bits", type=int, default=4, help="bits of the kept weights' codes")
+  p.add_argument("--scale-dtype", choices=("float32", "float16", "bfloat16"),
+                 default="float32", help="dtype the per-channel scales are stored in")
   p.add_argument("--init", choices=("magnitude", "oneshot"), default="magnitude",
                  help="start from the float weights or from the one-shot model")
   p.add_argument("--steps", type=int, default=600, help="distillation steps")
@@ -98,14 +100,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.init == "oneshot" and args.no_oneshot:
     p.error("--init oneshot needs the one-shot run (drop --no-oneshot)")
   if args.out is None:
-    args.out = f"runs/bert_nm-{args.n_m.replace(':', 'of')}-{args.bits}b-{args.init}"
+    scales = "" if args.scale_dtype == "float32" else f"-{args.scale_dtype}"
+    args.out = (f"runs/bert_nm-{args.n_m.replace(':', 'of')}-{args.bits}b{scales}-"
+                f"{args.init}")
   return args
 
 
-def plan_of(n: int, m: int, bits: int) -> cx.Plan:
-  """Every encoder kernel: N:M along the input axis, then symmetric per-channel codes."""
-  return cx.Plan([(KERNELS, cx.methods.NM(n, m) >>
-                   cx.methods.Uniform(bits, symmetric=True, axis=-1))])
+def plan_of(n: int, m: int, bits: int, scale_dtype: str = "float32") -> cx.Plan:
+  """Every encoder kernel: N:M along the input axis, then symmetric per-channel
+  codes (scales stored in ``scale_dtype``)."""
+  return cx.Plan([(KERNELS, cx.methods.NM(n, m) >> cx.methods.Uniform(
+      bits, symmetric=True, axis=-1, scale_dtype=scale_dtype))])
 
 
 def hidden_states(model, params, tokens, mask):
@@ -216,7 +221,7 @@ def main(argv=None) -> dict:
   ref = embed_all(model, params, evals)
 
   results = {"experiment": "bert_nm", "model": "minilm-l6", "n_m": args.n_m,
-             "bits": args.bits, "init": args.init, "steps": args.steps,
+             "bits": args.bits, "scale_dtype": args.scale_dtype, "init": args.init, "steps": args.steps,
              "eval_lines": len(ref), "recall_k": args.recall_k}
   start = params
   if not args.no_oneshot:
@@ -231,7 +236,7 @@ def main(argv=None) -> dict:
       start = oneshot_lib.from_tree(cx.load(one["file"]))
 
   n, m = args.nm
-  plan = plan_of(n, m, args.bits)
+  plan = plan_of(n, m, args.bits, args.scale_dtype)
   before = os.path.join(args.out, "start.cx")
   os.makedirs(args.out, exist_ok=True)
   cx.save(before, plan.finalize(plan.init(oneshot_lib.to_tree(start))))

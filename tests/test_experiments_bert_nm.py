@@ -100,3 +100,26 @@ def test_bad_flags(capsys):
     with pytest.raises(SystemExit):
       bert_nm.parse_args(bad)
   assert "--n-m must be N:M" in capsys.readouterr().err
+
+
+def test_float16_scales_shrink_the_kernels_and_keep_the_model(tmp_path):
+  model, params, batches = _setup(1)
+  ref = bert_nm.embed_all(model, params, batches)
+  out = {}
+  for dt in ("float32", "float16"):
+    plan = bert_nm.plan_of(2, 4, 4, dt)
+    tree = plan.finalize(plan.init(oneshot.to_tree(params)))
+    path = str(tmp_path / f"{dt}.cx")
+    cx.save(path, tree)
+    out[dt] = bert_nm.measure(model, params, path, batches, ref, 3)
+    masked = lambda x: isinstance(x, cx.prune.MaskedArray)  # noqa: E731
+    scales = [n.value.scale for n in jax.tree_util.tree_leaves(tree, is_leaf=masked)
+              if masked(n)]
+    assert scales and all(s.dtype == jnp.dtype(dt) for s in scales)
+  # 2 bytes saved per output channel of every kernel: 2 blocks of q, k, v, o
+  # (16 channels each), up (32) and down (16).
+  saved = out["float32"]["kernel_bytes"] - out["float16"]["kernel_bytes"]
+  assert saved >= 2 * 2 * (4 * 16 + 32 + 16) - 64
+  assert out["float16"]["mean_cosine_to_float"] == pytest.approx(
+      out["float32"]["mean_cosine_to_float"], abs=1e-3)
+  assert bert_nm.parse_args(["--scale-dtype", "float16"]).out.endswith("4b-float16-magnitude")
