@@ -221,7 +221,8 @@ def main(argv=None) -> dict:
   ref = embed_all(model, params, evals)
 
   results = {"experiment": "bert_nm", "model": "minilm-l6", "n_m": args.n_m,
-             "bits": args.bits, "scale_dtype": args.scale_dtype, "init": args.init, "steps": args.steps,
+             "bits": args.bits, "scale_dtype": args.scale_dtype, "init": args.init,
+             "steps": args.steps,
              "eval_lines": len(ref), "recall_k": args.recall_k}
   start = params
   if not args.no_oneshot:

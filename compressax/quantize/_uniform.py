@@ -20,9 +20,10 @@ Fake quantization, its straight-through twin and the stored
 
 With ``scale_dtype`` (float16 or bfloat16, as GPTQ checkpoints store them)
 the scales and offsets are rounded to that dtype in step 2 (clamped into its
-finite range; a scale to at least its smallest subnormal), the codes are computed against the rounded values, and
-the node stores them in that dtype: half the bytes per group, and
-fake quantization still equals the stored node bit for bit.
+finite range; a scale to at least its smallest subnormal), the codes are
+computed against the rounded values, and the node stores them in that dtype:
+half the bytes per group, and fake quantization still equals the stored node
+bit for bit.
 
 Arithmetic runs in float32 (float64 for float64 inputs) and the result is cast
 back to ``x.dtype``.
@@ -453,10 +454,11 @@ class QuantizedArray(_node.CompressedLeaf):
 
   ``codes`` has the dense array's shape (uint8 for ``bits <= 8``, uint16
   above); ``scale`` and ``offset`` are float32 (float64 for float64 arrays,
-  or the ``scale_dtype`` they were quantized with) of shape ``(groups,)`` in group order (channels in ``axis`` order, then
-  buckets); a symmetric grid's ``offset`` is empty (it is zero). A value
-  dequantizes to ``(code - zero) * scale + offset`` with
-  ``zero = 2^(bits-1) - 1`` when ``symmetric`` and ``0`` otherwise.
+  or the ``scale_dtype`` they were quantized with) of shape ``(groups,)`` in
+  group order (channels in ``axis`` order, then buckets); a symmetric grid's
+  ``offset`` is empty (it is zero). A value dequantizes to
+  ``(code - zero) * scale + offset`` with ``zero = 2^(bits-1) - 1`` when
+  ``symmetric`` and ``0`` otherwise.
   """
 
   codes: jax.Array
@@ -516,8 +518,8 @@ class QuantizedArray(_node.CompressedLeaf):
     bucket is not stored. For affine float32 buckets of ``k`` values this is
     Polino's ratio ``k*32 / (k*bits + 2*32)`` against float32.
     """
-    floats = sum(8 * np.dtype(getattr(self, f).dtype).itemsize * int(np.size(getattr(self, f)))
-                 for f in ("scale", "offset"))
+    floats = sum(8 * np.dtype(v.dtype).itemsize * int(np.size(v))
+                 for v in (self.scale, self.offset))
     return int(np.size(self.codes)) * int(self.bits) + floats
 
 
