@@ -1,5 +1,6 @@
 """experiments.lm: the tokenizer, the model, evaluation, training and the cache."""
 
+import argparse
 import json
 import math
 import os
@@ -143,7 +144,6 @@ def test_main_trains_once_then_loads_the_cache(tmp_path):
 
 
 def test_model_seed_fixes_the_float_model_and_frees_the_fine_tuning(tmp_path):
-  import argparse
   data = tmp_path / "t.txt"
   data.write_text("to be or not to be, that is the question:\n" * 50)
   p = argparse.ArgumentParser()

@@ -120,10 +120,12 @@ def _scale_dtype(path, scale_dtype, x) -> str | None:
   if name == "float32" and jnp.dtype(_compute_dtype(x.dtype)).name == "float32":
     return None  # the compute dtype already
   big = float(jnp.finfo(name).max)
-  with jax.ensure_compile_time_eval():
-    if _checks.is_concrete(x) and x.size and float(jnp.max(jnp.abs(x))) > big:
-      _checks.fail(path, f"|x| reaches {float(jnp.max(jnp.abs(x))):.4g}, beyond "
-                         f"the {name} scales' range ({big:.4g})")
+  if _checks.is_concrete(x) and x.size:
+    with jax.ensure_compile_time_eval():
+      peak = float(jnp.max(jnp.abs(x)))
+    if peak > big:
+      _checks.fail(path, f"|x| reaches {peak:.4g}, beyond the {name} scales' "
+                         f"range ({big:.4g})")
   return name
 
 
